@@ -1,0 +1,1 @@
+"""Frontends: translate a protocol (NBD, management, FUSE) into engine calls."""

@@ -1,0 +1,1 @@
+"""Data sources a device stacks: null, flat, expandable (and later nbd)."""

@@ -1,0 +1,1 @@
+"""Offline maintenance tools for change files."""
