@@ -1,2 +1,168 @@
+"""The ``lbd`` command line: one click group, one small adapter into trio."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from lbd import __version__
+from lbd.config import (
+    LayerSpec,
+    default_data_dir,
+    parse_address,
+    parse_size,
+)
+from lbd.errors import ConfigError, LBDError
+
+DEFAULT_NBD_PORT = 10809  # IANA's port for NBD
+DEFAULT_SIZE = 1 << 30
+
+_LAYER_FLAGS = {
+    "flat_ro": ("flat", False),
+    "flat_rw": ("flat", True),
+    "exp_ro": ("expandable", False),
+    "exp_rw": ("expandable", True),
+}
+
+
+class _OrderedLayers(click.Command):
+    """Keeps the command-line order of the layer flags (-f/-F/-e/-E).
+
+    Layers stack in the order given, the last on top; click collects each
+    option's values separately, so the parser's record of the order in which
+    options appeared is kept here.
+    """
+
+    def make_parser(self, ctx: click.Context) -> Any:
+        parser = super().make_parser(ctx)
+        parse = parser.parse_args
+
+        def parse_args(args: list[str]) -> Any:
+            opts, largs, order = parse(args)
+            ctx.meta["lbd.order"] = [p.name for p in order]
+            return opts, largs, order
+
+        parser.parse_args = parse_args
+        return parser
+
+
+def _layer_specs(ctx: click.Context, params: dict[str, Any]) -> list[LayerSpec]:
+    queues = {name: list(params.get(name) or ()) for name in _LAYER_FLAGS}
+    specs = []
+    for name in ctx.meta.get("lbd.order", []):
+        if queues.get(name):
+            kind, writable = _LAYER_FLAGS[name]
+            specs.append(LayerSpec(kind, queues[name].pop(0), writable))
+    return specs
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format="lbd: %(message)s"
+                        if verbose < 2 else "lbd: %(name)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lbd")
 def main() -> None:
-    raise SystemExit("not yet")
+    """LBD, a Layered Block Device server.
+
+    A device is a stack of layers (flat base images, expandable change files)
+    over an implicit null layer that reads as zeros; reads come from the
+    topmost layer holding each sector, writes go to the top layer.  It is
+    served over NBD to the Linux kernel's nbd-client and every other NBD
+    client.
+    """
+
+
+@main.command(cls=_OrderedLayers)
+@click.option("-s", "--size", "size_text", metavar="SIZE",
+              help="Device size in bytes; k/m/g/t suffixes (powers of two).")
+@click.option("-b", "--blocks", type=int, metavar="N", help="Device size in 512-byte blocks.")
+@click.option("-f", "flat_ro", multiple=True, metavar="FILE",
+              help="Flat image or block device, read-only.")
+@click.option("-F", "flat_rw", multiple=True, metavar="FILE",
+              help="Flat image or block device, writable.")
+@click.option("-e", "exp_ro", multiple=True, metavar="FILE",
+              help="Expandable change file, read-only.")
+@click.option("-E", "exp_rw", multiple=True, metavar="FILE",
+              help="Expandable change file, writable (created if missing).")
+@click.option("-l", "--listen", "listen", multiple=True, metavar="[HOST:]PORT",
+              help=f"NBD TCP listener (default port {DEFAULT_NBD_PORT}; a bare port listens "
+                   "on all addresses). Repeatable.")
+@click.option("--unix", "unix_paths", multiple=True, metavar="PATH",
+              help="NBD listener on a Unix socket. Repeatable.")
+@click.option("-x", "--export-name", default="", show_default="\"\"",
+              help="The export name clients ask for.")
+@click.option("--description", default="", help="Export description shown to clients.")
+@click.option("-r", "--readonly", is_flag=True, help="Serve read-only even if the top is "
+              "writable.")
+@click.option("--oldstyle", is_flag=True,
+              help="Oldstyle handshake for very old clients (no export names, no options).")
+@click.option("--force", is_flag=True,
+              help="Open change files even if they were created on another base.")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv: every request).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.pass_context
+def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
+          listen: tuple[str, ...], unix_paths: tuple[str, ...], export_name: str,
+          description: str, readonly: bool, oldstyle: bool, force: bool, verbose: int,
+          quiet: bool, **layer_flags: tuple[str, ...]) -> None:
+    """Serve a layered device over NBD.
+
+    Layers stack in command-line order, the last one on top; only the top
+    may be writable:
+
+    \b
+      lbd serve -s 1G -f base.img -E changes.lbd
+      lbd serve -b 2097152 -f base.img -e day1.lbd -E day2.lbd -l 10809
+
+    With no layer flags, serves a writable 1 GiB device backed by a change
+    file in the data directory ($XDG_DATA_HOME/lbd), to try LBD at once.
+
+    Stop it with Ctrl-C or SIGTERM: it stops accepting, finishes the
+    requests in flight, flushes and exits 0.
+    """
+    _setup_logging(verbose, quiet)
+    specs = _layer_specs(ctx, layer_flags)
+    try:
+        if size_text is not None and blocks is not None:
+            raise ConfigError("-s and -b both give the size; use one")
+        if size_text is not None:
+            size = parse_size(size_text)
+        elif blocks is not None:
+            if blocks <= 0:
+                raise ConfigError(f"-b: {blocks} is not a positive number of blocks")
+            size = blocks * 512
+        elif specs:
+            raise ConfigError("the device size is required: -s SIZE or -b BLOCKS")
+        else:
+            size = DEFAULT_SIZE
+        if not specs:
+            data_dir = default_data_dir()
+            os.makedirs(data_dir, exist_ok=True)
+            specs = [LayerSpec("expandable", os.path.join(data_dir, "default.lbd"), True)]
+            logging.getLogger("lbd").info(
+                "no layers given: serving the default device, a writable %d MiB change file "
+                "at %s", size >> 20, specs[0].param)
+        tcp = [parse_address(a, "-l", None) for a in listen]
+        if not tcp and not unix_paths:
+            tcp = [(None, DEFAULT_NBD_PORT)]
+        from lbd.serve import ServeOptions, run
+
+        opts = ServeOptions(size=size, specs=specs, tcp=tcp, unix=list(unix_paths),
+                            export_name=export_name, description=description,
+                            readonly=readonly, oldstyle=oldstyle, force=force)
+        code = run(opts)
+    except LBDError as exc:
+        _die(exc)
+    sys.exit(code)
+
+
+def _die(exc: LBDError) -> None:
+    click.echo(f"lbd: error: {exc}", err=True)
+    sys.exit(getattr(exc, "exit_code", 1))

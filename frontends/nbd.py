@@ -1,0 +1,592 @@
+"""The NBD server frontend: NBD over TCP or a Unix socket onto a Device.
+
+Each connection owns a non-blocking socket, a receive buffer and a queue of
+reply buffers.  The receive loop parses every complete request out of each
+receive and serves those it can inline (reads from the page cache, writes,
+trims, block status), queueing their replies; the whole batch is then sent
+with one ``sendmsg``.  Requests that would block (a read of data outside the
+page cache, FLUSH, FUA) run as tasks in the connection's nursery and queue
+their replies when done, so replies go out of order, as NBD allows.
+
+Resource handling: the server owns its listeners and the connections' tasks;
+:meth:`NBDServer.shutdown` stops accepting and stops reading new requests,
+lets the requests in flight finish and their replies go out, then closes.
+The device itself belongs to the caller.
+
+Error handling: an engine error becomes an NBD error reply (one mapping,
+:func:`nbd_errno`) and the connection goes on; a protocol violation closes
+that one connection; nothing a client sends can stop the server.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+import trio
+
+from lbd import protocol as P
+from lbd.device import Device
+from lbd.errors import IOFailure, WouldBlock
+from lbd.layer import State
+
+log = logging.getLogger(__name__)
+
+RECV_BUFFER = 4 << 20
+MAX_REQUEST = 32 << 20  # the largest READ/WRITE we serve (NBD_INFO_BLOCK_SIZE max)
+MAX_STATUS_SPAN = 1 << 30  # block status answers at most this much per request
+OUTPUT_HIGH_WATER = 64 << 20  # stop reading requests while this much reply data is queued
+HANDSHAKE_TIMEOUT = 30.0
+IOV_MAX = 1024
+_ids = itertools.count(1)
+
+_ERRNO_TO_NBD = {errno.EPERM: P.EPERM, errno.EROFS: P.EPERM, errno.EIO: P.EIO,
+                 errno.ENOMEM: P.ENOMEM, errno.EINVAL: P.EINVAL, errno.ENOSPC: P.ENOSPC,
+                 errno.EDQUOT: P.ENOSPC, errno.EFBIG: P.ENOSPC, errno.EOVERFLOW: P.EOVERFLOW,
+                 errno.ENOTSUP: P.ENOTSUP, errno.ESHUTDOWN: P.ESHUTDOWN}
+
+_FLAGS_ALLOWED = {
+    P.CMD_READ: P.CMDF_FUA | P.CMDF_DF,
+    P.CMD_WRITE: P.CMDF_FUA,
+    P.CMD_DISC: P.CMDF_FUA,
+    P.CMD_FLUSH: P.CMDF_FUA,
+    P.CMD_TRIM: P.CMDF_FUA,
+    P.CMD_CACHE: P.CMDF_FUA,
+    P.CMD_WRITE_ZEROES: P.CMDF_FUA | P.CMDF_NO_HOLE | P.CMDF_FAST_ZERO,
+    P.CMD_BLOCK_STATUS: P.CMDF_FUA | P.CMDF_REQ_ONE,
+}
+
+
+def nbd_errno(exc: BaseException) -> int:
+    """The NBD error code for an exception raised while serving a request."""
+    if isinstance(exc, IOFailure):
+        return _ERRNO_TO_NBD.get(exc.errno, P.EIO)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _ERRNO_TO_NBD.get(exc.errno, P.EIO)
+    return P.EIO
+
+
+class NBDServer:
+    """Serves one device as one export (name configurable, "" by default)."""
+
+    def __init__(self, device: Device, *, export_name: str = "", description: str = "",
+                 readonly: bool = False, oldstyle: bool = False) -> None:
+        self.device = device
+        self.export_name = export_name
+        self.description = description
+        self.readonly = readonly
+        self.oldstyle = oldstyle
+        self.addresses: list[str] = []  # URIs we listen on
+        self.connections: dict[int, Connection] = {}
+        self._stopping = False
+        self._listen_scope = trio.CancelScope()
+        self._idle = trio.Event()
+        self._idle.set()
+
+    # -- exports -----------------------------------------------------------------
+
+    def export(self) -> P.Export:
+        """The export as a connecting client sees it now."""
+        flags = (P.TF_HAS_FLAGS | P.TF_SEND_FLUSH | P.TF_SEND_FUA | P.TF_SEND_DF
+                 | P.TF_CAN_MULTI_CONN | P.TF_SEND_CACHE)
+        if self.readonly or not self.device.writable:
+            flags |= P.TF_READ_ONLY
+        else:
+            flags |= P.TF_SEND_TRIM | P.TF_SEND_WRITE_ZEROES | P.TF_SEND_FAST_ZERO
+        return P.Export(self.export_name, self.device.size, flags, self.description,
+                        min_block=1, preferred_block=4096, max_block=MAX_REQUEST)
+
+    def _lookup(self, name: str) -> P.Export | None:
+        return self.export() if name == self.export_name else None
+
+    def _list(self) -> list[P.Export]:
+        return [self.export()]
+
+    # -- listening ---------------------------------------------------------------
+
+    async def serve_tcp(self, host: str | None, port: int, *,
+                        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on ``host:port`` (all addresses if host is None); reports the port."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        socks = [lst.socket for lst in listeners]
+        bound = socks[0].getsockname()[1]
+        for s in socks:
+            h, p = s.getsockname()[:2]
+            self.addresses.append(f"nbd://{'[' + h + ']' if ':' in h else h}:{p}/"
+                                  f"{self.export_name}")
+        task_status.started(bound)
+        await self._accept_all(socks)
+
+    async def serve_unix(self, path: str, *,
+                         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on a Unix socket at ``path`` (a stale socket file is replaced)."""
+        if os.path.exists(path):
+            if not _is_stale_socket(path):
+                raise OSError(errno.EADDRINUSE, f"{path} exists and is not a stale socket")
+            os.unlink(path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(path)
+        sock.listen(128)
+        self.addresses.append(f"nbd+unix:///{self.export_name}?socket={path}")
+        task_status.started(path)
+        try:
+            await self._accept_all([sock])
+        finally:
+            sock.close()
+            if os.path.exists(path):
+                os.unlink(path)
+
+    async def _accept_all(self, socks: list[trio.socket.SocketType]) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                with self._listen_scope:
+                    async with trio.open_nursery() as accept_nursery:
+                        for s in socks:
+                            accept_nursery.start_soon(self._accept_loop, s, nursery)
+        finally:
+            for s in socks:
+                s.close()
+
+    async def _accept_loop(self, lsock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                conn, addr = await lsock.accept()
+            except OSError as exc:  # EMFILE and friends: back off, keep serving
+                log.error("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            raw = socket.socket(fileno=conn.detach())
+            raw.setblocking(False)
+            if raw.family in (socket.AF_INET, socket.AF_INET6):
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = f"{addr[0]}:{addr[1]}"
+            else:
+                peer = "unix"
+            if self._stopping:
+                raw.close()
+                continue
+            nursery.start_soon(self._run_connection, raw, peer)
+
+    async def _run_connection(self, raw: socket.socket, peer: str) -> None:
+        cid = next(_ids)
+        conn = Connection(self, raw, cid, peer)
+        self.connections[cid] = conn
+        self._idle = trio.Event()
+        try:
+            await conn.run()
+        except Exception:
+            log.exception("conn %d (%s): internal error; closing this connection", cid, peer)
+        finally:
+            raw.close()
+            del self.connections[cid]
+            if not self.connections:
+                self._idle.set()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, finish the requests in flight, close every connection."""
+        self._stopping = True
+        self._listen_scope.cancel()
+        for conn in list(self.connections.values()):
+            conn.stop()
+        await self._idle.wait()
+
+    def clients(self) -> list[dict[str, object]]:
+        return [c.info() for c in self.connections.values()]
+
+
+def _is_stale_socket(path: str) -> bool:
+    import stat
+
+    if not stat.S_ISSOCK(os.stat(path).st_mode):
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return False
+
+
+class Connection:
+    """One client: handshake, then the request loop."""
+
+    def __init__(self, server: NBDServer, raw: socket.socket, cid: int, peer: str) -> None:
+        self.server = server
+        self.device = server.device
+        self.raw = raw
+        self.cid = cid
+        self.peer = peer
+        self.export_name = ""
+        self.readonly = True
+        self.structured = False
+        self.contexts: dict[int, str] = {}
+        self.requests = 0
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._out_bytes = 0
+        self._sending = False
+        self._drained = trio.Event()
+        self._stopping = False
+        self._recv_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._dead = False
+
+    def info(self) -> dict[str, object]:
+        return {"id": self.cid, "peer": self.peer, "export": self.export_name,
+                "readonly": self.readonly, "structured_replies": self.structured,
+                "requests": self.requests}
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._recv_scope is not None:
+            self._recv_scope.cancel()
+
+    # -- socket plumbing ------------------------------------------------------------
+
+    async def _recv_into(self, view: memoryview) -> int:
+        while True:
+            try:
+                return self.raw.recv_into(view)
+            except BlockingIOError:
+                pass
+            except (ConnectionResetError, BrokenPipeError):
+                return 0
+            with trio.CancelScope() as scope:
+                self._recv_scope = scope
+                if self._stopping:
+                    return 0
+                await trio.lowlevel.wait_readable(self.raw)
+            self._recv_scope = None
+            if scope.cancelled_caught:
+                return 0
+
+    async def _send_all(self, data: bytes) -> None:
+        self._queue(data)
+        await self._flush()
+
+    def _queue(self, *bufs: bytes | bytearray | memoryview) -> None:
+        for b in bufs:
+            if len(b):
+                self._out.append(b)
+                self._out_bytes += len(b)
+
+    async def _flush(self) -> None:
+        """Send everything queued; if another task is already sending, it will."""
+        if self._sending or self._dead:
+            return
+        self._sending = True
+        try:
+            while self._out:
+                bufs, self._out = self._out, []
+                await self._sendv(bufs)
+                self._out_bytes -= sum(len(b) for b in bufs)
+        except OSError as exc:
+            log.info("conn %d: send failed (%s); dropping the connection", self.cid, exc)
+            self._dead = True
+            self._out.clear()
+            self._out_bytes = 0
+        finally:
+            self._sending = False
+            if self._out_bytes < OUTPUT_HIGH_WATER:
+                self._drained.set()
+
+    async def _sendv(self, bufs: list[bytes | bytearray | memoryview]) -> None:
+        raw = self.raw
+        i = 0
+        n_bufs = len(bufs)
+        while i < n_bufs:
+            try:
+                sent = raw.sendmsg(bufs[i:i + IOV_MAX])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(raw)
+                continue
+            while sent and i < n_bufs:
+                n = len(bufs[i])
+                if sent >= n:
+                    sent -= n
+                    i += 1
+                else:
+                    bufs[i] = memoryview(bufs[i])[sent:]
+                    sent = 0
+
+    # -- the connection ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        srv = self.server
+        hs = P.ServerHandshake(srv._lookup, srv._list, oldstyle=srv.oldstyle)
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as timeout:
+            await self._send_all(hs.start())
+            buf = bytearray(64 * 1024)
+            mv = memoryview(buf)
+            while hs.state == P.NEED_DATA and not self._dead:
+                n = await self._recv_into(mv)
+                if n == 0:
+                    return
+                hs.receive_data(mv[:n])
+                await self._send_all(hs.step())
+        if timeout.cancelled_caught:
+            log.info("conn %d (%s): handshake timed out", self.cid, self.peer)
+            return
+        if hs.state != P.DONE or hs.negotiated is None:
+            log.info("conn %d (%s): closed during handshake: %s", self.cid, self.peer,
+                     hs.close_reason or "client went away")
+            return
+        neg = hs.negotiated
+        self.export_name = neg.export.name
+        self.readonly = bool(neg.export.flags & P.TF_READ_ONLY)
+        self.structured = neg.structured
+        self.contexts = neg.contexts
+        log.info("conn %d (%s): export %r, %s, %s replies%s", self.cid, self.peer,
+                 self.export_name, "read-only" if self.readonly else "writable",
+                 "structured" if self.structured else "simple",
+                 f", contexts {sorted(self.contexts.values())}" if self.contexts else "")
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._serve(hs.leftover)
+        await self._flush()
+        log.info("conn %d (%s): closed after %d requests", self.cid, self.peer, self.requests)
+
+    async def _serve(self, leftover: bytes) -> None:
+        buf = bytearray(RECV_BUFFER)
+        mv = memoryview(buf)
+        start = 0
+        end = len(leftover)
+        buf[:end] = leftover
+        req = P.REQUEST
+        req_size = req.size
+        magic_ok = P.REQUEST_MAGIC
+        while not self._dead:
+            # parse and serve every complete request in the buffer
+            while end - start >= req_size:
+                magic, flags, cmd, handle, offset, length = req.unpack_from(buf, start)
+                if magic != magic_ok:
+                    log.warning("conn %d: bad request magic %#x; closing", self.cid, magic)
+                    return
+                if cmd == P.CMD_WRITE:
+                    if length > MAX_REQUEST:
+                        start += req_size
+                        start, end = await self._discard(buf, mv, start, end, length)
+                        if start < 0:
+                            return
+                        self._error(cmd, handle, P.EOVERFLOW,
+                                    f"write of {length} bytes exceeds the maximum {MAX_REQUEST}")
+                        continue
+                    total = req_size + length
+                    if end - start < total:
+                        if total > len(buf) - start:
+                            # make room: move the partial request to the front of
+                            # the buffer, or of a bigger one for a large write
+                            if total > len(buf):
+                                bigger = bytearray(total)
+                                bigger[:end - start] = buf[start:end]
+                                buf, mv = bigger, memoryview(bigger)
+                            else:
+                                buf[:end - start] = buf[start:end]
+                            end -= start
+                            start = 0
+                        break
+                    self.requests += 1
+                    self._write(flags, handle, offset, length,
+                                mv[start + req_size:start + total])
+                    start += total
+                    continue
+                start += req_size
+                self.requests += 1
+                if cmd == P.CMD_DISC:
+                    log.debug("conn %d: disconnect requested", self.cid)
+                    return
+                self._dispatch(cmd, flags, handle, offset, length)
+            if self._out:
+                await self._flush()
+                if self._out_bytes >= OUTPUT_HIGH_WATER:
+                    self._drained = trio.Event()
+                    await self._drained.wait()
+            if start == end:
+                start = end = 0
+                if len(buf) > RECV_BUFFER:
+                    buf = bytearray(RECV_BUFFER)
+                    mv = memoryview(buf)
+            elif len(buf) - end < req_size or start > len(buf) // 2:
+                buf[:end - start] = buf[start:end]
+                end -= start
+                start = 0
+            if self._stopping:
+                return
+            n = await self._recv_into(mv[end:])
+            if n == 0:
+                return
+            end += n
+
+    async def _discard(self, buf: bytearray, mv: memoryview, start: int, end: int,
+                       length: int) -> tuple[int, int]:
+        """Skip ``length`` payload bytes of a refused request; (-1, -1) on EOF."""
+        have = min(end - start, length)
+        start += have
+        left = length - have
+        if not left:
+            return start, end
+        while left:  # never read past the payload: what follows is the next request
+            n = await self._recv_into(mv[:min(left, len(buf))])
+            if n == 0:
+                return -1, -1
+            left -= n
+        return 0, 0
+
+    # -- replies ---------------------------------------------------------------------------
+
+    def _ok(self, handle: int) -> None:
+        self._queue(P.simple_reply(handle))
+
+    def _error(self, cmd: int, handle: int, err: int, message: str) -> None:
+        log.debug("conn %d: %s failed: %s", self.cid, P.CMD_NAMES.get(cmd, cmd), message)
+        if self.structured and cmd in (P.CMD_READ, P.CMD_BLOCK_STATUS):
+            self._queue(P.error_chunk(handle, err, message))
+        else:
+            self._queue(P.simple_reply(handle, err))
+
+    def _fail(self, cmd: int, handle: int, exc: BaseException) -> None:
+        if not isinstance(exc, IOFailure):
+            log.error("conn %d: %s failed unexpectedly", self.cid, P.CMD_NAMES.get(cmd, cmd),
+                      exc_info=exc)
+        self._error(cmd, handle, nbd_errno(exc), str(exc))
+
+    def _read_reply(self, handle: int, offset: int, data: bytearray | memoryview) -> None:
+        if self.structured:
+            self._queue(P.read_chunk_header(handle, offset, len(data)), data)
+        else:
+            self._queue(P.simple_reply(handle), data)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _validate(self, cmd: int, flags: int, offset: int, length: int) -> str | None:
+        allowed = _FLAGS_ALLOWED.get(cmd)
+        if allowed is None:
+            return f"unknown command {cmd}"
+        if flags & ~allowed:
+            return f"flags {flags:#x} not valid for {P.CMD_NAMES[cmd]}"
+        if cmd == P.CMD_READ and flags & P.CMDF_DF and not self.structured:
+            return "DF requires structured replies"
+        if cmd == P.CMD_FLUSH:
+            return None
+        if length == 0:
+            return f"zero-length {P.CMD_NAMES[cmd]}"
+        if cmd == P.CMD_READ and length > MAX_REQUEST:
+            return f"read of {length} bytes exceeds the maximum {MAX_REQUEST}"
+        return None
+
+    def _dispatch(self, cmd: int, flags: int, handle: int, offset: int, length: int) -> None:
+        problem = self._validate(cmd, flags, offset, length)
+        if problem is not None:
+            err = P.EOVERFLOW if "maximum" in problem else P.EINVAL
+            self._error(cmd, handle, err, problem)
+            return
+        if offset + length > self.device.size:
+            write_like = cmd in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES)
+            self._error(cmd, handle, P.ENOSPC if write_like else P.EINVAL,
+                        f"[{offset}, {offset + length}) is beyond the end of the device")
+            return
+        device = self.device
+        try:
+            if cmd == P.CMD_READ:
+                try:
+                    data = device.read(offset, length, nowait=True)
+                except WouldBlock:
+                    self._spawn(self._read_async, handle, offset, length)
+                    return
+                self._read_reply(handle, offset, data)
+            elif cmd == P.CMD_FLUSH:
+                self._spawn(self._flush_async, cmd, handle)
+            elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
+                if self.readonly:
+                    raise IOFailure(errno.EPERM, "read-only export")
+                device.zero(offset, length, trim=cmd == P.CMD_TRIM,
+                            no_hole=bool(flags & P.CMDF_NO_HOLE),
+                            fast=bool(flags & P.CMDF_FAST_ZERO))
+                if flags & P.CMDF_FUA:
+                    self._spawn(self._flush_async, cmd, handle)
+                else:
+                    self._ok(handle)
+            elif cmd == P.CMD_BLOCK_STATUS:
+                self._block_status(flags, handle, offset, length)
+            elif cmd == P.CMD_CACHE:
+                device.cache(offset, length)
+                self._ok(handle)
+        except Exception as exc:
+            self._fail(cmd, handle, exc)
+
+    def _write(self, flags: int, handle: int, offset: int, length: int,
+               payload: memoryview) -> None:
+        problem = self._validate(P.CMD_WRITE, flags, offset, length)
+        if problem is None and offset + length > self.device.size:
+            self._error(P.CMD_WRITE, handle, P.ENOSPC,
+                        f"[{offset}, {offset + length}) is beyond the end of the device")
+            return
+        if problem is not None:
+            self._error(P.CMD_WRITE, handle, P.EINVAL, problem)
+            return
+        try:
+            if self.readonly:
+                raise IOFailure(errno.EPERM, "read-only export")
+            self.device.write(offset, payload)
+        except Exception as exc:
+            self._fail(P.CMD_WRITE, handle, exc)
+            return
+        if flags & P.CMDF_FUA:
+            self._spawn(self._flush_async, P.CMD_WRITE, handle)
+        else:
+            self._ok(handle)
+
+    def _block_status(self, flags: int, handle: int, offset: int, length: int) -> None:
+        if not self.contexts:
+            self._error(P.CMD_BLOCK_STATUS, handle, P.EINVAL, "no metadata context negotiated")
+            return
+        runs = self.device.block_status(offset, min(length, MAX_STATUS_SPAN))
+        items = list(self.contexts.items())
+        for i, (cid, name) in enumerate(items):
+            if name == P.CONTEXT_BASE_ALLOCATION:
+                desc = _merge([(n, 0 if st == State.DATA else P.STATE_HOLE | P.STATE_ZERO)
+                               for n, st, _ in runs])
+            else:
+                desc = _merge([(n, depth) for n, _, depth in runs])
+            if flags & P.CMDF_REQ_ONE:
+                desc = desc[:1]
+            self._queue(P.block_status_chunk(handle, cid, desc, done=i == len(items) - 1))
+
+    def _spawn(self, fn: Callable[..., object], *args: object) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    async def _read_async(self, handle: int, offset: int, length: int) -> None:
+        try:
+            data = await self.device.aread(offset, length)
+        except Exception as exc:
+            self._fail(P.CMD_READ, handle, exc)
+        else:
+            self._read_reply(handle, offset, data)
+        await self._flush()
+
+    async def _flush_async(self, cmd: int, handle: int) -> None:
+        try:
+            await self.device.aflush()
+        except Exception as exc:
+            self._fail(cmd, handle, exc)
+        else:
+            self._ok(handle)
+        await self._flush()
+
+
+def _merge(desc: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for n, f in desc:
+        if out and out[-1][1] == f:
+            out[-1] = (out[-1][0] + n, f)
+        else:
+            out.append((n, f))
+    return out

@@ -1,0 +1,452 @@
+"""The native change-file format (version 2); spec in docs/format.md.
+
+A change file is a header (two 512-byte slots, A/B) followed by journal areas
+of 64-byte entries and data payloads.  Every write appends its data at the end
+of the file and then one journal entry saying where it went; nothing already
+written is ever overwritten in place, so a crash can only lose a tail of
+entries that were never flushed, and every entry and payload carries a CRC-32C
+that tells a torn tail from good data.
+
+This module is the only code that reads or writes the format: the expandable
+layer and the offline tools both use :class:`ChangeFile`.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from crc32c import crc32c
+
+from lbd.errors import ConfigError, CorruptionError
+from lbd.extentmap import ZERO, ExtentMap
+from lbd.layer import Identity
+
+from .fileio import Buffer, FileIO, fsync_dir
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+MAGIC = b"LBD-CHG\n"
+VERSION = 2
+V1_MAGIC = bytes.fromhex("4c42445801010101")  # the original Java LBD's format
+HEADER_SIZE = 4096  # two 512-byte slots, the rest reserved
+ENTRY_SIZE = 64
+AREA_SLOTS = 1024  # entries per journal area; the last slot holds NEXT
+AREA_SIZE = AREA_SLOTS * ENTRY_SIZE
+DATA_ALIGN = 4096
+
+# journal entry types
+E_DATA = 1
+E_ZERO = 2
+E_INDEX = 3
+E_NEXT = 4
+ENTRY_MAGIC = 0x4C45  # "EL" little-endian
+
+_HEADER = struct.Struct("<8sIIQQ16s16sII64sQQQQQ")
+_ENTRY = struct.Struct("<HBBIQQQQQII4x")  # 60 bytes, then the entry's CRC-32C
+_U32 = struct.Struct("<I")
+_INDEX_HEAD = struct.Struct("<QQQ")  # extents, data bytes total, reserved
+_INDEX_EXTENT = struct.Struct("<QQq")  # sector, count, loc (-1 = zero)
+
+
+
+class Entry(NamedTuple):
+    """A decoded journal entry; ``a``/``b``/``c`` depend on the type.
+
+    DATA: a = device sector, b = sectors, c = payload file offset.
+    ZERO: a = device sector, b = sectors.
+    INDEX: a = extent count, b = snapshot bytes, c = snapshot file offset.
+    NEXT: b = slots in the next area, c = next area file offset.
+    """
+
+    magic: int
+    type: int
+    flags: int
+    reserved: int
+    seq: int
+    a: int
+    b: int
+    c: int
+    durable: int  # every entry with seq <= this was synced before this one was written
+    crc: int  # CRC-32C of the payload (DATA, INDEX)
+    reserved2: int
+
+
+@dataclass
+class Header:
+    device_size: int
+    uuid: bytes
+    parent: Identity
+    created_ns: int
+    generation: int = 0
+    journal_start: int = HEADER_SIZE
+    index_area: int = 0
+    index_slot: int = 0
+    index_seq: int = 0
+    version: int = VERSION
+
+    def encode(self) -> bytes:
+        raw = _HEADER.pack(MAGIC, self.version, SECTOR, self.device_size, self.created_ns,
+                           self.uuid, self.parent.ident, self.parent.kind, 0,
+                           self.parent.desc.encode()[:64], self.generation, self.journal_start,
+                           self.index_area, self.index_slot, self.index_seq)
+        raw = raw.ljust(508, b"\0")
+        return raw + _U32.pack(crc32c(raw))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Header | None:
+        if len(raw) < 512 or raw[:8] != MAGIC:
+            return None
+        if _U32.unpack_from(raw, 508)[0] != crc32c(raw[:508]):
+            return None
+        (_, version, sector, size, created, uid, pid, pkind, _flags, pdesc, gen, jstart,
+         iarea, islot, iseq) = _HEADER.unpack_from(raw)
+        if sector != SECTOR:
+            return None
+        parent = Identity(pkind, pid, pdesc.rstrip(b"\0").decode(errors="replace"))
+        return cls(size, uid, parent, created, gen, jstart, iarea, islot, iseq, version)
+
+
+@dataclass
+class Stats:
+    """Space accounting of one change file."""
+
+    file_bytes: int
+    data_bytes: int  # payload bytes in the file, live or dead
+    live_bytes: int  # payload bytes still referenced by the map
+    zero_bytes: int  # device bytes recorded as zero (no payload)
+    extents: int
+    entries: int
+
+    @property
+    def dead_bytes(self) -> int:
+        return self.data_bytes - self.live_bytes
+
+
+def detect(path: str) -> str:
+    """'native', 'v1', 'empty' or 'unknown' for an existing file."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "empty"
+    if head[:8] == MAGIC:
+        return "native"
+    if len(head) == 512 and head[504:512] == V1_MAGIC:
+        return "v1"
+    return "unknown"
+
+
+class ChangeFile:
+    """An open change file: its header, its extent map and its journal cursor.
+
+    Thread safety: the map and the append cursor are guarded by one lock, so
+    reads may run in worker threads while the event loop appends.  Payload
+    bytes are never rewritten, so a location read from the map stays valid.
+    """
+
+    def __init__(self, io: FileIO, header: Header) -> None:
+        self.io = io
+        self.header = header
+        self.map = ExtentMap()
+        self.lock = threading.Lock()
+        self._seed = crc32c(header.uuid)
+        self.seq = 0  # last entry written
+        self.durable_seq = 0  # entries up to here are known to be on stable storage
+        self.area = header.journal_start  # current journal area
+        self.slot = 0  # next free slot in it
+        self.end = HEADER_SIZE  # where the next payload or area goes
+        self.data_bytes = 0
+        self.entries = 0
+        self.dropped_tail = 0  # entries dropped as torn when opened
+
+    # -- opening -------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str, device_size: int, parent: Identity,
+               io_factory: Callable[..., FileIO] = FileIO) -> ChangeFile:
+        io = io_factory(path, writable=True, create=True)
+        try:
+            io.lock("change file")
+            header = Header(device_size, uuidlib.uuid4().bytes, parent, time.time_ns())
+            raw = header.encode()
+            io.pwrite(raw + raw + bytes(HEADER_SIZE - 1024), 0)
+            io.allocate(HEADER_SIZE, AREA_SIZE)
+            io.fdatasync()
+            fsync_dir(path)
+        except BaseException:
+            io.close()
+            raise
+        cf = cls(io, header)
+        cf.end = HEADER_SIZE + AREA_SIZE
+        return cf
+
+    @classmethod
+    def open(cls, path: str, *, writable: bool,
+             io_factory: Callable[..., FileIO] = FileIO, verify: bool = False) -> ChangeFile:
+        """Open an existing native change file, replaying its journal.
+
+        A torn tail (entries written after the last completed sync that did
+        not fully reach the disk) is dropped; for a writable open the slots
+        it occupied are zeroed so they can never be mistaken for entries.
+        With ``verify`` every payload CRC is checked, not only the tail's.
+        """
+        io = io_factory(path, writable=writable)
+        try:
+            io.lock("change file")
+            header = _read_header(io, path)
+            cf = cls(io, header)
+            cf._replay(verify=verify)
+            if writable:
+                cf._reset_tail()
+        except BaseException:
+            io.close()
+            raise
+        return cf
+
+    def _replay(self, *, verify: bool) -> None:
+        h = self.header
+        fsize = self.io.size()
+        area, slot, seq = h.journal_start, 0, 1
+        if h.index_area:
+            try:
+                self._load_index(h.index_area, h.index_slot, h.index_seq)
+                area, slot, seq = h.index_area, h.index_slot + 1, h.index_seq + 1
+            except CorruptionError as exc:
+                log.warning("%s: index snapshot unusable (%s); replaying the whole journal",
+                            self.io.path, exc)
+                self.map = ExtentMap()
+                self.data_bytes = 0
+        # Pass 1: follow the journal while entries are valid and in sequence.
+        entries: list[tuple[int, int, Entry]] = []
+        max_durable = 0
+        area_bytes, area_loaded = b"", -1
+        while area >= HEADER_SIZE:
+            if area_loaded != area:
+                area_bytes, area_loaded = self.io.pread(AREA_SIZE, area), area
+            e = self._decode_entry(area_bytes, slot)
+            if e is None or e.seq != seq:
+                break
+            if e.type == E_NEXT:
+                if slot != AREA_SLOTS - 1 or e.c % SECTOR or e.c < HEADER_SIZE:
+                    break
+                area, slot, seq = e.c, 0, seq + 1
+                continue
+            if slot >= AREA_SLOTS - 1:
+                break
+            entries.append((area, slot, e))
+            max_durable = max(max_durable, e.durable)
+            slot += 1
+            seq += 1
+        # Pass 2: entries that no later entry vouches for as synced may be
+        # torn; check their payloads and cut the journal at the first bad one.
+        good = len(entries)
+        for i, (_, _, e) in enumerate(entries):
+            if e.seq <= max_durable and not verify:
+                continue
+            if e.type in (E_DATA, E_INDEX) and not self._payload_ok(e, fsize):
+                if e.seq <= max_durable:
+                    raise CorruptionError(
+                        f"{self.io.path}: journal entry {e.seq} was synced but its data "
+                        "fails its checksum")
+                good = i
+                break
+        for _, _, e in entries[:good]:
+            self._apply(e)
+        if good < len(entries):
+            self.dropped_tail = len(entries) - good
+            log.warning("%s: dropped %d torn journal entries written after the last sync",
+                        self.io.path, self.dropped_tail)
+            area, slot, e = entries[good]
+            seq = e.seq
+        self.area, self.slot, self.seq = area, slot, seq - 1
+        self.durable_seq = min(self.seq, max_durable)
+        self.end = _align(max(fsize, HEADER_SIZE + AREA_SIZE), DATA_ALIGN)
+
+    def _decode_entry(self, area_bytes: bytes, slot: int) -> Entry | None:
+        off = slot * ENTRY_SIZE
+        raw = area_bytes[off:off + ENTRY_SIZE]
+        if len(raw) < ENTRY_SIZE or _U32.unpack_from(raw, 60)[0] != crc32c(raw[:60], self._seed):
+            return None
+        e = Entry._make(_ENTRY.unpack_from(raw))
+        return e if e.magic == ENTRY_MAGIC else None
+
+    def _payload_ok(self, e: Entry, fsize: int) -> bool:
+        length = e.b * SECTOR if e.type == E_DATA else e.b
+        if e.c + length > fsize:
+            return False
+        crc = 0
+        pos = 0
+        while pos < length:
+            n = min(length - pos, 8 << 20)
+            crc = crc32c(self.io.pread(n, e.c + pos), crc)
+            pos += n
+        return crc == e.crc
+
+    def _apply(self, e: Entry) -> None:
+        self.entries += 1
+        if e.type == E_DATA:
+            self.map.set(e.a, e.b, e.c)
+            self.data_bytes += e.b * SECTOR
+        elif e.type == E_ZERO:
+            self.map.set(e.a, e.b, ZERO)
+        # E_INDEX: a snapshot of the state already built; nothing to apply
+
+    def _load_index(self, area: int, slot: int, seq: int) -> None:
+        e = self._decode_entry(self.io.pread(AREA_SIZE, area), slot)
+        if e is None or e.type != E_INDEX or e.seq != seq:
+            raise CorruptionError("index entry missing or damaged")
+        if not self._payload_ok(e, self.io.size()):
+            raise CorruptionError("index snapshot checksum mismatch")
+        blob = self.io.pread(e.b, e.c)
+        count, data_bytes, _ = _INDEX_HEAD.unpack_from(blob)
+        body = _INDEX_HEAD.size + count * _INDEX_EXTENT.size
+        if e.a != count or body > len(blob):
+            raise CorruptionError("index snapshot has a bad extent count")
+        m = ExtentMap()
+        for s, n, loc in _INDEX_EXTENT.iter_unpack(blob[_INDEX_HEAD.size:body]):
+            m.set(s, n, loc)
+        self.map = m
+        self.data_bytes = data_bytes
+        self.entries = 1
+
+    def _reset_tail(self) -> None:
+        """Zero every slot after the last good entry, then sync.
+
+        Stale or torn entries there could otherwise be read back as valid
+        once new entries fill the slots before them.
+        """
+        start = self.area + self.slot * ENTRY_SIZE
+        stop = self.area + AREA_SIZE
+        if start < stop and self.io.pread(stop - start, start).strip(b"\0"):
+            self.io.pwrite(bytes(stop - start), start)
+        self.sync()
+
+    # -- writing ---------------------------------------------------------------
+
+    def _entry(self, seq: int, etype: int, a: int, b: int, c: int, crc: int) -> bytes:
+        raw = _ENTRY.pack(ENTRY_MAGIC, etype, 0, 0, seq, a, b, c, self.durable_seq, crc, 0)
+        return raw + _U32.pack(crc32c(raw, self._seed))
+
+    def _slot_pos(self) -> int:
+        """Position of the next journal slot, opening a new area when full."""
+        if self.slot >= AREA_SLOTS - 1:
+            new_area = _align(self.end, DATA_ALIGN)
+            self.io.allocate(new_area, AREA_SIZE)
+            self.io.pwrite(self._entry(self.seq + 1, E_NEXT, 0, AREA_SLOTS, new_area, 0),
+                           self.area + (AREA_SLOTS - 1) * ENTRY_SIZE)
+            self.seq += 1
+            self.end = new_area + AREA_SIZE
+            self.area, self.slot = new_area, 0
+        return self.area + self.slot * ENTRY_SIZE
+
+    def _append_entry(self, etype: int, a: int, b: int, c: int, crc: int) -> None:
+        pos = self._slot_pos()
+        self.io.pwrite(self._entry(self.seq + 1, etype, a, b, c, crc), pos)
+        self.seq += 1
+        self.slot += 1
+        self.entries += 1
+
+    def write(self, sector: int, buffers: Sequence[Buffer], nbytes: int) -> None:
+        """Append ``nbytes`` (a multiple of 512) of data for device ``sector``."""
+        crc = 0
+        for b in buffers:
+            crc = crc32c(b, crc)
+        count = nbytes // SECTOR
+        with self.lock:
+            loc = self.end if nbytes % DATA_ALIGN else _align(self.end, DATA_ALIGN)
+            self.io.pwritev(buffers, loc)
+            self.end = loc + nbytes
+            self._append_entry(E_DATA, sector, count, loc, crc)
+            self.data_bytes += nbytes
+            self.map.set(sector, count, loc)
+
+    def zero(self, sector: int, count: int) -> None:
+        """Record ``count`` sectors as zero (TRIM / WRITE_ZEROES)."""
+        with self.lock:
+            self._append_entry(E_ZERO, sector, count, 0, 0)
+            self.map.set(sector, count, ZERO)
+
+    def sync(self) -> None:
+        """Make every entry written so far durable."""
+        upto = self.seq
+        self.io.fdatasync()
+        if upto > self.durable_seq:
+            self.durable_seq = upto
+
+    def write_index(self) -> None:
+        """Append a snapshot of the map and point the header at it.
+
+        Done at clean close, so the next open loads the map in one read
+        instead of replaying the journal.
+        """
+        with self.lock:
+            if self.seq == self.header.index_seq:
+                return
+            extents = list(self.map)
+            blob = bytearray(_INDEX_HEAD.pack(len(extents), self.data_bytes, 0))
+            for s, n, loc in extents:
+                blob += _INDEX_EXTENT.pack(s, n, loc)
+            blob += bytes(-len(blob) % SECTOR)
+            loc = _align(self.end, DATA_ALIGN)
+            self.io.pwrite(blob, loc)
+            self.end = loc + len(blob)
+            self._slot_pos()
+            area, slot = self.area, self.slot
+            self._append_entry(E_INDEX, len(extents), len(blob), loc, crc32c(blob))
+            self.sync()
+            h = self.header
+            h.generation += 1
+            h.index_area, h.index_slot, h.index_seq = area, slot, self.seq
+            self.io.pwrite(h.encode(), SECTOR * (h.generation % 2))
+            self.io.fdatasync()
+
+    # -- reading ---------------------------------------------------------------
+
+    def lookup(self, sector: int, count: int) -> list[tuple[int, int, int | None]]:
+        with self.lock:
+            return self.map.lookup(sector, count)
+
+    def stats(self) -> Stats:
+        with self.lock:
+            return Stats(file_bytes=self.io.size(), data_bytes=self.data_bytes,
+                         live_bytes=self.map.data_sectors * SECTOR,
+                         zero_bytes=self.map.zero_sectors * SECTOR,
+                         extents=self.map.extent_count, entries=self.entries)
+
+    def close(self, *, clean: bool = True) -> None:
+        if self.io.fd < 0:
+            return
+        try:
+            if clean and self.io.writable:
+                self.write_index()
+        finally:
+            self.io.close()
+
+
+def _read_header(io: FileIO, path: str) -> Header:
+    raw = io.pread(1024, 0)
+    if not raw:
+        raise ConfigError(f"{path}: empty file is not a change file")
+    if len(raw) >= 512 and raw[504:512] == V1_MAGIC:
+        raise ConfigError(f"{path}: version-1 change file (original LBD); not supported yet")
+    if raw[:8] != MAGIC:
+        raise ConfigError(f"{path}: not an LBD change file (bad magic)")
+    slots = [Header.decode(raw[:512]), Header.decode(raw[512:1024])]
+    valid = [h for h in slots if h is not None]
+    if not valid:
+        raise CorruptionError(f"{path}: both header copies fail their checksum")
+    h = max(valid, key=lambda x: x.generation)
+    if h.version != VERSION:
+        raise ConfigError(f"{path}: change-file version {h.version} is not supported")
+    return h
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a

@@ -1,0 +1,160 @@
+"""The expandable layer: a change file holding only the sectors written to it.
+
+The on-disk format is :mod:`lbd.layers.changefile` (spec: docs/format.md).
+A change file is created when missing; an existing one is refused when it was
+created on top of something other than the layer below it now (unless
+``force``), because its sectors would then be mixed with the wrong base.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+
+from lbd.errors import ConfigError, IOFailure
+from lbd.extentmap import ZERO
+from lbd.layer import ID_CHANGE, Buffer, Identity, Layer, State
+
+from . import changefile
+from .changefile import ChangeFile
+
+SECTOR = 512
+
+
+class ExpandableLayer(Layer):
+    kind = "expandable"
+
+    def __init__(self, path: str, size: int, writable: bool, below: Identity, *,
+                 force: bool = False, create: bool = True) -> None:
+        super().__init__(size, writable)
+        self.path = path
+        self.created = False
+        self.cf = self._open(path, size, writable, below, force, create)
+
+    def _open(self, path: str, size: int, writable: bool, below: Identity, force: bool,
+              create: bool) -> ChangeFile:
+        if os.path.isdir(path):
+            raise ConfigError(f"change file {path}: is a directory")
+        parent_dir = os.path.dirname(os.path.abspath(path))
+        if not os.path.exists(path) or os.path.getsize(path) == 0:
+            if not create:
+                raise ConfigError(f"change file {path}: no such file")
+            if not os.path.isdir(parent_dir):
+                raise ConfigError(f"change file {path}: directory {parent_dir} does not exist")
+            if os.path.exists(path):
+                os.unlink(path)  # an empty file is an empty layer: make it a native one
+            try:
+                cf = ChangeFile.create(path, size, below)
+            except PermissionError:
+                raise ConfigError(f"change file {path}: permission denied creating it") from None
+            except OSError as exc:
+                raise ConfigError(f"change file {path}: cannot create: {exc.strerror}") from None
+            self.created = True
+            return cf
+        kind = changefile.detect(path)
+        if kind == "unknown":
+            raise ConfigError(f"{path} is not an LBD change file (unrecognised header); "
+                              "refusing to use it")
+        try:
+            cf = ChangeFile.open(path, writable=writable)
+        except PermissionError:
+            mode = "read-write" if writable else "reading"
+            raise ConfigError(f"change file {path}: permission denied (opening for {mode})") \
+                from None
+        try:
+            h = cf.header
+            if h.device_size != size:
+                raise ConfigError(f"change file {path} belongs to a device of {h.device_size} "
+                                  f"bytes, not {size}")
+            if not h.parent.same(below) and not force:
+                raise ConfigError(
+                    f"change file {path} was created on top of {h.parent}, but the layer below "
+                    f"it now is {below}; refusing to mix them (--force overrides)")
+        except BaseException:
+            cf.close(clean=False)
+            raise
+        return cf
+
+    def describe(self) -> str:
+        return self.path
+
+    def identity(self) -> Identity:
+        return Identity(ID_CHANGE, self.cf.header.uuid, os.path.basename(self.path))
+
+    def info(self) -> dict:
+        d = super().info()
+        st = self.cf.stats()
+        d["uuid"] = self.cf.header.uuid.hex()
+        d["space"] = {"file_bytes": st.file_bytes, "live_bytes": st.live_bytes,
+                      "dead_bytes": st.dead_bytes, "zero_bytes": st.zero_bytes,
+                      "extents": st.extents}
+        return d
+
+    def read_present(self, offset: int, view: memoryview, nowait: bool) -> list[tuple[int, int]]:
+        runs = self.cf.lookup(offset // SECTOR, len(view) // SECTOR)
+        if len(runs) == 1 and runs[0][2] is None:
+            return [(offset, len(view))]
+        absent: list[tuple[int, int]] = []
+        read_io = self.cf.io
+        for s, n, loc in runs:
+            if loc is None:
+                absent.append((s * SECTOR, n * SECTOR))
+            elif loc != ZERO:
+                pos = s * SECTOR - offset
+                try:
+                    read_io.readinto(view[pos:pos + n * SECTOR], loc, nowait=nowait)
+                except OSError as exc:
+                    raise IOFailure.from_oserror(exc, f"reading {self.path}") from exc
+                self.read_bytes += n * SECTOR
+        self.reads += 1
+        return absent
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, State]]:
+        out = []
+        for s, n, loc in self.cf.lookup(offset // SECTOR, length // SECTOR):
+            state = State.ABSENT if loc is None else State.ZERO if loc == ZERO else State.DATA
+            out.append((s * SECTOR, n * SECTOR, state))
+        return out
+
+    def write(self, offset: int, buffers: Sequence[Buffer], nbytes: int, fua: bool) -> None:
+        self._check_writable()
+        try:
+            self.cf.write(offset // SECTOR, buffers, nbytes)
+            if fua:
+                self.cf.sync()
+        except OSError as exc:
+            raise IOFailure.from_oserror(exc, f"writing {self.path}") from exc
+        self.writes += 1
+        self.written_bytes += nbytes
+
+    def zero(self, offset: int, length: int, *, trim: bool, no_hole: bool, fast: bool,
+             fua: bool) -> None:
+        # Trimmed and zeroed sectors are recorded as zero: they must not fall
+        # through to the base again.  Their old data becomes dead space.
+        self._check_writable()
+        try:
+            self.cf.zero(offset // SECTOR, length // SECTOR)
+            if fua:
+                self.cf.sync()
+        except OSError as exc:
+            raise IOFailure.from_oserror(exc, f"zeroing {self.path}") from exc
+
+    def flush(self) -> None:
+        if self.writable:
+            try:
+                self.cf.sync()
+            except OSError as exc:
+                raise IOFailure.from_oserror(exc, f"flushing {self.path}") from exc
+
+    def cache(self, offset: int, length: int) -> None:
+        for _s, n, loc in self.cf.lookup(offset // SECTOR, length // SECTOR):
+            if loc is not None and loc != ZERO:
+                self.cf.io.advise_willneed(loc, n * SECTOR)
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise IOFailure(errno.EPERM, f"change file {self.path} is read-only")
+
+    def close(self) -> None:
+        self.cf.close(clean=True)

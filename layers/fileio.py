@@ -1,0 +1,201 @@
+"""The one seam through which layers do file I/O.
+
+Everything a change file or flat image reads, writes or syncs goes through a
+:class:`FileIO`, so a test can wrap it (record writes and syncs, inject
+ENOSPC or EIO, simulate a power cut) without touching the layer code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+from collections.abc import Sequence
+
+from lbd.errors import ConfigError, WouldBlock
+
+Buffer = bytes | bytearray | memoryview
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+class FileIO:
+    """A file opened for a layer: positional I/O, sync, hole punching, locks."""
+
+    def __init__(self, path: str, *, writable: bool, create: bool = False) -> None:
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        self.path = path
+        self.writable = writable
+        self.fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        self.nowait = hasattr(os, "RWF_NOWAIT")
+        self.can_punch = True
+
+    # -- reads -------------------------------------------------------------
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def readinto(self, view: memoryview, offset: int, *, nowait: bool = False) -> None:
+        """Fill ``view`` from ``offset``; past EOF reads as zeros.
+
+        With ``nowait`` the read must be served from the page cache; if it
+        cannot, :class:`WouldBlock` is raised and the caller retries in a
+        worker thread.
+        """
+        want = len(view)
+        if nowait and self.nowait:
+            try:
+                got = os.preadv(self.fd, [view], offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                raise WouldBlock() from None
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+                self.nowait = False  # e.g. tmpfs: reads never block there anyway
+                got = os.preadv(self.fd, [view], offset)
+            if got == want:
+                return
+            if got < want and offset + got < self.size():
+                raise WouldBlock()
+        else:
+            got = os.preadv(self.fd, [view], offset)
+        while got < want:
+            n = os.preadv(self.fd, [view[got:]], offset + got)
+            if n == 0:
+                view[got:] = bytes(want - got)
+                return
+            got += n
+
+    # -- writes ------------------------------------------------------------
+
+    def pwritev(self, buffers: Sequence[Buffer], offset: int) -> None:
+        total = sum(len(b) for b in buffers)
+        done = os.pwritev(self.fd, buffers, offset)
+        if done == total:
+            return
+        # a short write: finish it piece by piece (ENOSPC surfaces here)
+        flat = memoryview(b"".join(buffers))
+        while done < total:
+            n = os.pwrite(self.fd, flat[done:], offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, "short write")
+            done += n
+
+    def pwrite(self, data: Buffer, offset: int) -> None:
+        self.pwritev([data], offset)
+
+    def fdatasync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def truncate(self, length: int) -> None:
+        os.ftruncate(self.fd, length)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def allocate(self, offset: int, length: int) -> None:
+        """Reserve blocks so later writes there cannot hit ENOSPC."""
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Deallocate a range (reads back as zeros). False if unsupported."""
+        return self._fallocate(_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def zero_range(self, offset: int, length: int) -> bool:
+        """Zero a range keeping it allocated. False if unsupported."""
+        return self._fallocate(_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def _fallocate(self, mode: int, offset: int, length: int) -> bool:
+        if length <= 0:
+            return True
+        if _libc.fallocate(self.fd, mode, offset, length) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise OSError(err, os.strerror(err))
+
+    def advise_willneed(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def seek_data_holes(self, offset: int, end: int) -> list[tuple[int, int, bool]]:
+        """``(start, length, is_data)`` runs of ``[offset, end)`` via SEEK_DATA/HOLE."""
+        out: list[tuple[int, int, bool]] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole up to EOF
+                    data = end
+                else:
+                    return [(offset, end - offset, True)]
+            data = min(data, end)
+            if data > pos:
+                out.append((pos, data - pos, False))
+            if data >= end:
+                break
+            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+            out.append((data, hole - data, True))
+            pos = hole
+        return out
+
+    # -- locking -----------------------------------------------------------
+
+    def lock(self, what: str) -> None:
+        """Take an exclusive (writable) or shared (read-only) lock, or refuse."""
+        mode = fcntl.LOCK_EX if self.writable else fcntl.LOCK_SH
+        try:
+            fcntl.flock(self.fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(self.fd)
+            who = f"process {holder}" if holder else "another process"
+            how = "has it open" if self.writable else "has it open for writing"
+            raise ConfigError(f"{what} {self.path} is locked: {who} {how}") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def lock_holder(fd: int) -> int | None:
+    """The PID holding a flock on the file behind ``fd``, from /proc/locks."""
+    st = os.fstat(fd)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if "FLOCK" in parts and dev in parts:
+                    pid = int(parts[parts.index(dev) - 1])
+                    if pid != os.getpid():
+                        return pid
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory entry (a created or renamed file) durable."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,109 @@
+"""Turning what the user asked for (sizes, addresses, layer flags) into a Device."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from lbd.device import Device
+from lbd.errors import ConfigError
+from lbd.layer import Identity, Layer
+
+SECTOR = 512
+_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def parse_size(text: str, what: str = "-s") -> int:
+    """``1G``, ``512m``, ``4096``: a byte count, suffixes are powers of two."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgtp]?)(i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{what}: {text!r} is not a size (a number with an optional "
+                          "k/m/g/t suffix)")
+    size = int(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    if size <= 0:
+        raise ConfigError(f"{what}: the size must be positive")
+    if size % SECTOR:
+        raise ConfigError(f"{what}: {size} bytes is not a multiple of 512")
+    return size
+
+
+def parse_address(text: str, what: str, default_host: str | None) -> tuple[str | None, int]:
+    """``[host:]port``, ``[::1]:port``; a bare port means ``default_host``."""
+    text = text.strip()
+    host: str | None = default_host
+    port_s = text
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1:end + 2] != ":":
+            raise ConfigError(f"{what}: {text!r} is not [IPv6]:port")
+        host, port_s = text[1:end], text[end + 2:]
+    elif ":" in text:
+        host, port_s = text.rsplit(":", 1)
+        host = host or default_host
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ConfigError(f"{what}: {text!r} is not [host:]port") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{what}: port {port} is out of range")
+    return host, port
+
+
+def format_address(host: str | None, port: int) -> str:
+    h = host or "0.0.0.0"
+    return f"[{h}]:{port}" if ":" in h else f"{h}:{port}"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer flag: ``-f``/``-F`` flat, ``-e``/``-E`` expandable."""
+
+    kind: str  # "flat" or "expandable"
+    param: str
+    writable: bool
+
+    @property
+    def flag(self) -> str:
+        letter = {"flat": "f", "expandable": "e"}[self.kind]
+        return "-" + (letter.upper() if self.writable else letter)
+
+
+def check_stack(specs: list[LayerSpec]) -> None:
+    for spec in specs[:-1]:
+        if spec.writable:
+            raise ConfigError(
+                f"{spec.flag} {spec.param}: only the topmost (last) layer may be writable; "
+                f"use {spec.flag.lower()} for it or put it last")
+
+
+def open_layer(spec: LayerSpec, size: int, below: Layer | None, force: bool) -> Layer:
+    from lbd.layers.expandable import ExpandableLayer
+    from lbd.layers.flat import FlatLayer
+
+    if spec.kind == "flat":
+        return FlatLayer(spec.param, size, spec.writable)
+    if spec.kind == "expandable":
+        ident = below.identity() if below is not None else Identity()
+        return ExpandableLayer(spec.param, size, spec.writable, ident, force=force)
+    raise ConfigError(f"unknown layer kind {spec.kind}")
+
+
+def build_device(size: int, specs: list[LayerSpec], *, force: bool = False) -> Device:
+    """Open every layer bottom-up and stack them; close them all on failure."""
+    check_stack(specs)
+    layers: list[Layer] = []
+    try:
+        for spec in specs:
+            layers.append(open_layer(spec, size, layers[-1] if layers else None, force))
+        return Device(size, layers)
+    except BaseException:
+        for layer in reversed(layers):
+            layer.close()
+        raise
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                          "share")
+    return os.path.join(base, "lbd")

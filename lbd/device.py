@@ -1,0 +1,251 @@
+"""The device: a fixed-size stack of layers over an implicit null layer.
+
+This is the engine both frontends drive.  It validates every request once
+(range, read-only, alignment), routes reads run by run to the topmost layer
+holding each sector, sends writes to the top layer, and answers which ranges
+are data or zero and at which depth they live.  It knows nothing of NBD or
+FUSE.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from typing import Any
+
+import trio
+
+from lbd.errors import IOFailure, WouldBlock
+from lbd.layer import Buffer, Layer, State
+from lbd.layers.null import NullLayer
+
+SECTOR = 512
+_MASK = SECTOR - 1
+
+
+class Device:
+    """A stack of layers, bottom first in ``layers``; the null layer is added below."""
+
+    def __init__(self, size: int, layers: list[Layer]) -> None:
+        if size <= 0 or size % SECTOR:
+            raise ValueError(f"device size must be a positive multiple of 512, not {size}")
+        for layer in layers[:-1]:
+            if layer.writable:
+                raise ValueError("only the topmost layer may be writable")
+        self.size = size
+        self._layers: list[Layer] = [*layers]
+        self._null = NullLayer(size)
+        self._stack: list[Layer] = [*reversed(layers), self._null]  # top first
+
+    # -- the stack -------------------------------------------------------------
+
+    @property
+    def layers(self) -> list[Layer]:
+        """Every layer, top first, the null layer last."""
+        return list(self._stack)
+
+    @property
+    def top(self) -> Layer:
+        return self._stack[0]
+
+    @property
+    def writable(self) -> bool:
+        return self._stack[0].writable
+
+    def push_layer(self, layer: Layer) -> Layer:
+        """Make ``layer`` the new top; the old top becomes read-only.
+
+        The swap happens between two requests of the event loop, so a write
+        acknowledged before it is in the old top and one after it in the new.
+        The caller flushes the old top (returned) afterwards.
+        """
+        old = self._stack[0]
+        old.writable = False
+        self._layers.append(layer)
+        self._stack.insert(0, layer)
+        return old
+
+    def info(self) -> list[dict[str, Any]]:
+        return [layer.info() for layer in self._stack]
+
+    # -- validation ----------------------------------------------------------------
+
+    def _check(self, offset: int, length: int, write: bool) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise IOFailure(errno.ENOSPC if write else errno.EINVAL,
+                            f"request [{offset}, {offset + length}) is beyond the end of the "
+                            f"device ({self.size} bytes)")
+        if write and not self._stack[0].writable:
+            raise IOFailure(errno.EPERM, "the device is read-only")
+
+    # -- reads -------------------------------------------------------------------
+
+    def read(self, offset: int, length: int, nowait: bool = False) -> bytearray | memoryview:
+        """Read ``length`` bytes at ``offset`` through the stack.
+
+        With ``nowait``, raises :class:`WouldBlock` instead of waiting for
+        data that is not in the page cache.
+        """
+        self._check(offset, length, write=False)
+        a0 = offset & ~_MASK
+        a1 = (offset + length + _MASK) & ~_MASK
+        buf = bytearray(a1 - a0)
+        if a1 > a0:
+            self._read_aligned(a0, memoryview(buf), nowait)
+        if a0 == offset and a1 == offset + length:
+            return buf
+        return memoryview(buf)[offset - a0:offset - a0 + length]
+
+    def _read_aligned(self, offset: int, view: memoryview, nowait: bool) -> None:
+        pending = [(offset, len(view))]
+        for layer in self._stack:
+            if len(pending) == 1:
+                o, n = pending[0]
+                pending = layer.read_present(o, view[o - offset:o - offset + n], nowait)
+            else:
+                nxt: list[tuple[int, int]] = []
+                for o, n in pending:
+                    nxt += layer.read_present(o, view[o - offset:o - offset + n], nowait)
+                pending = nxt
+            if not pending:
+                return
+
+    async def aread(self, offset: int, length: int) -> bytearray | memoryview:
+        """Read inline when the page cache has it, else in a worker thread."""
+        try:
+            return self.read(offset, length, nowait=True)
+        except WouldBlock:
+            return await trio.to_thread.run_sync(self.read, offset, length)
+
+    # -- writes --------------------------------------------------------------------
+
+    def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        length = len(data)
+        self._check(offset, length, write=True)
+        if length == 0:
+            return
+        top = self._stack[0]
+        if not (offset | length) & _MASK:
+            top.write(offset, [data], length, fua)
+            return
+        # Unaligned: read-modify-write the partial head and tail sectors.
+        a0 = offset & ~_MASK
+        a1 = (offset + length + _MASK) & ~_MASK
+        end = offset + length
+        if a1 - a0 == SECTOR:
+            sector = bytearray(self.read(a0, SECTOR))
+            sector[offset - a0:end - a0] = data
+            top.write(a0, [sector], SECTOR, fua)
+            return
+        mv = memoryview(data)
+        buffers: list[Buffer] = []
+        if offset != a0:
+            head = bytearray(self.read(a0, SECTOR))
+            cut = a0 + SECTOR - offset
+            head[offset - a0:] = mv[:cut]
+            buffers.append(head)
+            mv = mv[cut:]
+        tail = None
+        if end != a1:
+            tail = bytearray(self.read(a1 - SECTOR, SECTOR))
+            keep = end - (a1 - SECTOR)
+            tail[:keep] = mv[len(mv) - keep:]
+            mv = mv[:len(mv) - keep]
+        buffers.append(mv)
+        if tail is not None:
+            buffers.append(tail)
+        top.write(a0, buffers, a1 - a0, fua)
+
+    def zero(self, offset: int, length: int, *, trim: bool = False, no_hole: bool = False,
+             fast: bool = False, fua: bool = False) -> None:
+        """WRITE_ZEROES (``trim=False``) or TRIM (``trim=True``) a range."""
+        self._check(offset, length, write=True)
+        a0 = (offset + _MASK) & ~_MASK
+        a1 = (offset + length) & ~_MASK
+        if not trim:
+            # partial sectors at either end are written as real zeros
+            if a1 <= a0:
+                self.write(offset, bytes(length), fua)
+                return
+            if offset < a0:
+                self.write(offset, bytes(a0 - offset))
+            if offset + length > a1:
+                self.write(a1, bytes(offset + length - a1))
+        if a1 > a0:
+            self._stack[0].zero(a0, a1 - a0, trim=trim, no_hole=no_hole, fast=fast, fua=fua)
+
+    def flush(self) -> None:
+        """Make every acknowledged write durable."""
+        for layer in self._stack:
+            if layer.writable:
+                layer.flush()
+
+    async def aflush(self) -> None:
+        await trio.to_thread.run_sync(self.flush)
+
+    def cache(self, offset: int, length: int) -> None:
+        self._check(offset, length, write=False)
+        a0 = offset & ~_MASK
+        a1 = (offset + length + _MASK) & ~_MASK
+        for layer in self._stack:
+            layer.cache(a0, a1 - a0)
+
+    # -- allocation ------------------------------------------------------------------
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, State, int]]:
+        """``(length, state, depth)`` runs covering the range, in order.
+
+        ``state`` is DATA or ZERO as the topmost layer holding each sector
+        sees it; ``depth`` is 1 for the top layer, 2 for the one below, ...,
+        and 0 for the null layer (nothing allocated anywhere).
+        """
+        self._check(offset, length, write=False)
+        a0 = offset & ~_MASK
+        a1 = (offset + length + _MASK) & ~_MASK
+        found: list[tuple[int, int, State, int]] = []
+        pending = [(a0, a1 - a0)]
+        depth_of_null = len(self._stack)
+        for depth, layer in enumerate(self._stack, start=1):
+            nxt: list[tuple[int, int]] = []
+            for o, n in pending:
+                for s, m, state in layer.extents(o, n):
+                    if state == State.ABSENT:
+                        nxt.append((s, m))
+                    else:
+                        found.append((s, m, state, 0 if depth == depth_of_null else depth))
+            pending = nxt
+            if not pending:
+                break
+        found.sort()
+        out: list[tuple[int, State, int]] = []
+        for s, m, state, depth in found:
+            s0, e0 = max(s, offset), min(s + m, offset + length)
+            if e0 <= s0:
+                continue
+            if out and out[-1][1] == state and out[-1][2] == depth:
+                out[-1] = (out[-1][0] + e0 - s0, state, depth)
+            else:
+                out.append((e0 - s0, state, depth))
+        return out
+
+    def iter_extents(self, chunk: int = 1 << 30) -> Iterator[tuple[int, int, State, int]]:
+        """``(offset, length, state, depth)`` over the whole device."""
+        pos = 0
+        while pos < self.size:
+            n = min(chunk, self.size - pos)
+            for m, state, depth in self.block_status(pos, n):
+                yield pos, m, state, depth
+                pos += m
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush and close every layer, top first; report the first failure."""
+        first: BaseException | None = None
+        for layer in self._stack:
+            try:
+                layer.close()
+            except BaseException as exc:  # close the others anyway
+                first = first or exc
+        if first is not None:
+            raise first

@@ -1,0 +1,207 @@
+"""A sector-granular map from device sectors to where their contents live.
+
+Each sector is in one of three states: absent (not in this map; the layer
+below answers), zero (reads as zeros, no data stored) or data (stored at a
+byte offset in a file).  A data extent maps device sectors ``[s, s + n)`` to
+file bytes ``[loc, loc + n * 512)``; a zero extent has ``loc == ZERO``.
+
+The map is split into chunks of :data:`CHUNK_SECTORS` sectors held in a dict,
+each chunk a short sorted list of extents, so lookups and updates cost a dict
+probe plus a bisect over a small list, and memory is proportional to what was
+written, never to the device size.  Extents never cross a chunk boundary.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterator
+
+ZERO = -1
+CHUNK_SHIFT = 11
+CHUNK_SECTORS = 1 << CHUNK_SHIFT  # 1 MiB of 512-byte sectors
+SECTOR = 512
+
+
+class _Chunk:
+    __slots__ = ("ends", "locs", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.locs: list[int] = []
+
+
+class ExtentMap:
+    """Sector ranges -> ``ZERO`` or a file byte offset."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[int, _Chunk] = {}
+        self.data_sectors = 0  # sectors in the data state
+        self.zero_sectors = 0  # sectors in the zero state
+        self.extent_count = 0
+
+    # -- queries ---------------------------------------------------------
+
+    def lookup(self, start: int, count: int) -> list[tuple[int, int, int | None]]:
+        """Cover ``[start, start + count)`` with ``(start, count, loc)`` runs.
+
+        ``loc`` is a file byte offset, :data:`ZERO`, or ``None`` for absent.
+        Adjacent runs are merged when their locations are contiguous.
+        """
+        out: list[tuple[int, int, int | None]] = []
+        pos = start
+        end = start + count
+        chunks = self._chunks
+        while pos < end:
+            cidx = pos >> CHUNK_SHIFT
+            cend = min(end, (cidx + 1) << CHUNK_SHIFT)
+            chunk = chunks.get(cidx)
+            if chunk is None:
+                _append(out, pos, cend - pos, None)
+                pos = cend
+                continue
+            starts, ends, locs = chunk.starts, chunk.ends, chunk.locs
+            i = bisect_right(starts, pos) - 1
+            if i < 0 or ends[i] <= pos:
+                i += 1
+            n = len(starts)
+            while pos < cend:
+                if i >= n or starts[i] >= cend:
+                    _append(out, pos, cend - pos, None)
+                    pos = cend
+                    break
+                s = starts[i]
+                if s > pos:
+                    _append(out, pos, s - pos, None)
+                    pos = s
+                e = min(ends[i], cend)
+                loc = locs[i]
+                if loc != ZERO:
+                    loc += (pos - s) * SECTOR
+                _append(out, pos, e - pos, loc)
+                pos = e
+                i += 1
+        return out
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        """All extents in sector order, as ``(start, count, loc)``."""
+        for cidx in sorted(self._chunks):
+            c = self._chunks[cidx]
+            yield from zip(c.starts, (e - s for s, e in zip(c.starts, c.ends)), c.locs)
+
+    def data_extents(self) -> Iterator[tuple[int, int, int]]:
+        return ((s, n, loc) for s, n, loc in self if loc != ZERO)
+
+    # -- updates ---------------------------------------------------------
+
+    def set(self, start: int, count: int, loc: int) -> int:
+        """Map ``[start, start + count)`` to ``loc`` (``ZERO`` or a byte offset).
+
+        Returns the number of data sectors this replaced (now dead space).
+        """
+        replaced = 0
+        pos = start
+        end = start + count
+        while pos < end:
+            cidx = pos >> CHUNK_SHIFT
+            cend = min(end, (cidx + 1) << CHUNK_SHIFT)
+            piece_loc = loc if loc == ZERO else loc + (pos - start) * SECTOR
+            replaced += self._set_in_chunk(cidx, pos, cend, piece_loc)
+            pos = cend
+        return replaced
+
+    def _set_in_chunk(self, cidx: int, s: int, e: int, loc: int) -> int:
+        chunk = self._chunks.get(cidx)
+        if chunk is None:
+            chunk = self._chunks[cidx] = _Chunk()
+        starts, ends, locs = chunk.starts, chunk.ends, chunk.locs
+        # first extent that ends after s
+        i = bisect_right(starts, s) - 1
+        if i < 0 or ends[i] <= s:
+            i += 1
+        j = i
+        n = len(starts)
+        new_s: list[int] = []
+        new_e: list[int] = []
+        new_l: list[int] = []
+        replaced = 0
+        while j < n and starts[j] < e:
+            os_, oe, ol = starts[j], ends[j], locs[j]
+            ov_s, ov_e = max(os_, s), min(oe, e)
+            if ol == ZERO:
+                self.zero_sectors -= ov_e - ov_s
+            else:
+                replaced += ov_e - ov_s
+                self.data_sectors -= ov_e - ov_s
+            if os_ < s:  # keep the head of the old extent
+                new_s.append(os_)
+                new_e.append(s)
+                new_l.append(ol)
+            j += 1
+        new_s.append(s)
+        new_e.append(e)
+        new_l.append(loc)
+        if j > i:
+            os_, oe, ol = starts[j - 1], ends[j - 1], locs[j - 1]
+            if oe > e:  # keep the tail of the last overlapped extent
+                new_s.append(e)
+                new_e.append(oe)
+                new_l.append(ol if ol == ZERO else ol + (e - os_) * SECTOR)
+        # merge with neighbours when contiguous
+        if i > 0 and ends[i - 1] == new_s[0] and _joins(starts[i - 1], ends[i - 1], locs[i - 1],
+                                                         new_l[0]):
+            i -= 1
+            new_s[0] = starts[i]
+            new_l[0] = locs[i]
+        if j < n and new_e[-1] == starts[j] and _joins(new_s[-1], new_e[-1], new_l[-1], locs[j]):
+            new_e[-1] = ends[j]
+            j += 1
+        self.extent_count += len(new_s) - (j - i)
+        starts[i:j] = new_s
+        ends[i:j] = new_e
+        locs[i:j] = new_l
+        if loc == ZERO:
+            self.zero_sectors += e - s
+        else:
+            self.data_sectors += e - s
+        return replaced
+
+    def discard(self, start: int, count: int) -> None:
+        """Make ``[start, start + count)`` absent again (used by tools)."""
+        self.set(start, count, ZERO)
+        pos, end = start, start + count
+        while pos < end:
+            cidx = pos >> CHUNK_SHIFT
+            cend = min(end, (cidx + 1) << CHUNK_SHIFT)
+            chunk = self._chunks[cidx]
+            i = bisect_right(chunk.starts, pos) - 1
+            s, e = chunk.starts[i], chunk.ends[i]
+            pieces = [(a, b) for a, b in ((s, pos), (cend, e)) if b > a]
+            chunk.starts[i:i + 1] = [a for a, _ in pieces]
+            chunk.ends[i:i + 1] = [b for _, b in pieces]
+            chunk.locs[i:i + 1] = [ZERO] * len(pieces)
+            self.extent_count += len(pieces) - 1
+            self.zero_sectors -= cend - pos
+            if not chunk.starts:
+                del self._chunks[cidx]
+            pos = cend
+
+
+def _joins(s: int, e: int, loc: int, next_loc: int) -> bool:
+    if loc == ZERO or next_loc == ZERO:
+        return loc == next_loc
+    return loc + (e - s) * SECTOR == next_loc
+
+
+def _append(out: list[tuple[int, int, int | None]], s: int, n: int, loc: int | None) -> None:
+    if out:
+        ps, pn, pl = out[-1]
+        if ps + pn == s and (
+            (pl is None and loc is None)
+            or (pl == ZERO and loc == ZERO)
+            or (pl is not None and loc is not None and pl >= 0 and loc >= 0
+                and pl + pn * SECTOR == loc)
+        ):
+            out[-1] = (ps, pn + n, pl)
+            return
+    out.append((s, n, loc))

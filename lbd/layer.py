@@ -1,0 +1,126 @@
+"""The layer contract: what a data source must do to sit in a device's stack.
+
+Offsets and lengths given to a layer are in bytes, always multiples of 512 and
+always inside the device: the device validates every request once, so layers
+never re-check.  A layer needs only ``read_present``; writing, zeroing and
+flushing are capabilities that writable layers add.
+
+Local layers (files) do their I/O synchronously and are called inline on the
+event loop, which is what makes small requests fast; ``nowait`` asks them to
+serve only from the page cache and raise :class:`~lbd.errors.WouldBlock`
+otherwise, and the device then repeats the request in a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, ClassVar
+
+from lbd.errors import IOFailure
+
+Buffer = bytes | bytearray | memoryview
+
+
+class State(IntEnum):
+    """How a layer holds a range (for reads and block status)."""
+
+    ABSENT = 0  # not here: ask the layer below
+    DATA = 1  # stored here
+    ZERO = 2  # here, and reads as zeros (a hole, a trimmed range)
+
+
+# identity kinds: what a change file was created on top of
+ID_NONE = 0  # the null layer: nothing below
+ID_CHANGE = 1  # another change file, by its uuid
+ID_IMAGE = 2  # a flat image or a remote, by a content fingerprint
+_ID_NAMES = {ID_NONE: "nothing (the null layer)", ID_CHANGE: "change file", ID_IMAGE: "image"}
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The identity of a layer, as a change file on top of it records it."""
+
+    kind: int = ID_NONE
+    ident: bytes = bytes(16)
+    desc: str = ""
+
+    def same(self, other: Identity) -> bool:
+        return self.kind == other.kind and self.ident == other.ident
+
+    def __str__(self) -> str:
+        if self.kind == ID_NONE:
+            return _ID_NAMES[ID_NONE]
+        name = f" {self.desc}" if self.desc else ""
+        return f"{_ID_NAMES.get(self.kind, 'unknown')}{name} (id {self.ident.hex()})"
+
+
+class Layer(ABC):
+    kind: ClassVar[str]
+    local: ClassVar[bool] = True
+
+    def __init__(self, size: int, writable: bool) -> None:
+        self.size = size
+        self.writable = writable
+        self.reads = 0
+        self.read_bytes = 0
+        self.writes = 0
+        self.written_bytes = 0
+
+    # -- description -----------------------------------------------------------
+
+    @abstractmethod
+    def describe(self) -> str:
+        """The layer's parameter as a user gave it (a path, an address)."""
+
+    def identity(self) -> Identity:
+        """What a change file created on top of this layer records as its parent."""
+        return Identity()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "type": self.kind,
+            "writable": self.writable,
+            "param": self.describe(),
+            "stats": {"reads": self.reads, "read_bytes": self.read_bytes,
+                      "writes": self.writes, "written_bytes": self.written_bytes},
+        }
+
+    # -- I/O -----------------------------------------------------------------
+
+    @abstractmethod
+    def read_present(self, offset: int, view: memoryview, nowait: bool) -> list[tuple[int, int]]:
+        """Fill the parts of ``view`` (device bytes from ``offset``) held here.
+
+        ``view`` arrives zero-filled, so zero ranges need no work.  Returns
+        the ``(offset, length)`` ranges this layer does not hold, for the
+        layer below.
+        """
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, State]]:
+        """Cover ``[offset, offset + length)`` with ``(offset, length, state)``."""
+        return [(offset, length, State.DATA)]
+
+    def write(self, offset: int, buffers: Sequence[Buffer], nbytes: int, fua: bool) -> None:
+        raise IOFailure(errno.EPERM, f"{self.kind} layer is read-only")
+
+    def zero(self, offset: int, length: int, *, trim: bool, no_hole: bool, fast: bool,
+             fua: bool) -> None:
+        raise IOFailure(errno.EPERM, f"{self.kind} layer is read-only")
+
+    def flush(self) -> None:
+        """Make every write acknowledged so far durable."""
+
+    def cache(self, offset: int, length: int) -> None:
+        """Prefetch a range (advisory)."""
+
+    def make_readonly(self) -> None:
+        """Stop accepting writes (the layer is being covered by a new top)."""
+        self.flush()
+        self.writable = False
+
+    def close(self) -> None:
+        """Flush (if writable) and release everything."""

@@ -1,0 +1,114 @@
+"""``lbd serve``: open the stack, run the frontends, stop gracefully.
+
+Start-up order: open every layer (bottom-up), then the listeners; each
+listener reports itself started before the next starts, so "listening on"
+means a client can connect.  Shutdown (SIGINT, SIGTERM, or a manager's
+SHUTDOWN) runs the other way: stop accepting, let requests in flight finish,
+flush, close the layers, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import trio
+
+from lbd.config import LayerSpec, build_device, format_address
+from lbd.device import Device
+from lbd.errors import ConfigError
+from lbd.frontends.nbd import NBDServer
+
+log = logging.getLogger("lbd")
+
+
+@dataclass
+class ServeOptions:
+    size: int
+    specs: list[LayerSpec]
+    tcp: list[tuple[str | None, int]] = field(default_factory=list)
+    unix: list[str] = field(default_factory=list)
+    export_name: str = ""
+    description: str = ""
+    readonly: bool = False
+    oldstyle: bool = False
+    force: bool = False
+
+
+class Service:
+    """A running device and its frontends: what the manager talks to."""
+
+    def __init__(self, opts: ServeOptions, device: Device) -> None:
+        self.opts = opts
+        self.device = device
+        self.nbd = NBDServer(device, export_name=opts.export_name,
+                             description=opts.description, readonly=opts.readonly,
+                             oldstyle=opts.oldstyle)
+        self.stop_requested = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        async with trio.open_nursery() as nursery:
+            for host, port in self.opts.tcp:
+                try:
+                    bound = await nursery.start(self.nbd.serve_tcp, host, port)
+                except OSError as exc:
+                    raise ConfigError(f"cannot listen on {format_address(host, port)}: "
+                                      f"{exc.strerror or exc}") from None
+                log.info("listening on %s", format_address(host, bound))
+            for path in self.opts.unix:
+                try:
+                    await nursery.start(self.nbd.serve_unix, path)
+                except OSError as exc:
+                    raise ConfigError(f"cannot listen on unix socket {path}: "
+                                      f"{exc.strerror or exc}") from None
+                log.info("listening on unix socket %s", path)
+            for uri in self.nbd.addresses:
+                log.info("export %s", uri)
+            task_status.started()
+            nursery.start_soon(self._signals)
+            await self.stop_requested.wait()
+            log.info("shutting down: finishing requests in flight")
+            await self.nbd.shutdown()
+            nursery.cancel_scope.cancel()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("%s received", signal.Signals(signum).name)
+                self.stop_requested.set()
+
+
+def describe_stack(device: Device) -> str:
+    lines = []
+    for depth, layer in enumerate(device.layers):
+        lines.append(f"  {len(device.layers) - 1 - depth}: {layer.kind:<10} "
+                     f"{'rw' if layer.writable else 'ro'}  {layer.describe()}")
+    return "\n".join(lines)
+
+
+def _first_config_error(group: BaseExceptionGroup) -> ConfigError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, ConfigError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_config_error(exc)
+            if found:
+                return found
+    return None
+
+
+def run(opts: ServeOptions) -> int:
+    device = build_device(opts.size, opts.specs, force=opts.force)
+    log.info("device of %d bytes (%d blocks), layers top first:\n%s", opts.size,
+             opts.size // 512, describe_stack(device))
+    service = Service(opts, device)
+    try:
+        trio.run(service.run)
+    except BaseExceptionGroup as group:
+        raise _first_config_error(group) or group from None
+    finally:
+        device.close()
+    log.info("stopped cleanly")
+    return 0
