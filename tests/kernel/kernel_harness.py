@@ -102,6 +102,9 @@ class Server:
         except FileNotFoundError:
             return ""
 
+    def __repr__(self) -> str:
+        return f"<Server {self.name} {self.uri}>"
+
     def describe(self) -> str:
         state = ("running" if self.proc.poll() is None
                  else f"exited with {self.proc.returncode}")
@@ -210,6 +213,9 @@ class GuestRun:
     elapsed: float
     servers: list[Server]
     results: dict[str, list[str]] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"<GuestRun rc={self.rc} {self.elapsed:.1f} s>"
 
     def report(self) -> str:
         return ("\n===== guest serial console =====\n" + self.console.rstrip()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -238,13 +239,14 @@ def test_readonly(servers: Servers, vm: Vm, tmp_path: Path) -> None:
     tree = {"keep.txt": b"read me\n" * 100}
     base = tmp_path / "base.img"
     make_ext4(base, 32, tree)
-    change = tmp_path / "change.lbd"
-    servers.start("mkchange", size="32m", layers=[("-f", base), ("-E", change)]).stop()
-    before = {p: sha256(p) for p in (base, change)}
+    c1, c2 = tmp_path / "c1.lbd", tmp_path / "c2.lbd"
+    for c in (c1, c2):
+        servers.start(f"make-{c.stem}", size="32m", layers=[("-f", base), ("-E", c)]).stop()
+    before = {p: sha256(p) for p in (base, c1, c2)}
     # a writable stack served --readonly, and a stack of read-only layers only
-    r1 = servers.start("r1", size="32m", layers=[("-f", base), ("-E", change)],
+    r1 = servers.start("r1", size="32m", layers=[("-f", base), ("-E", c1)],
                        export="r1", readonly=True)
-    r2 = servers.start("r2", size="32m", layers=[("-f", base), ("-e", change)], export="r2")
+    r2 = servers.start("r2", size="32m", layers=[("-f", base), ("-e", c2)], export="r2")
     run = vm.boot("""
 for n in 1 2; do
     dev=/dev/nbd$n
@@ -372,16 +374,16 @@ def test_multi_connection(servers: Servers, vm: Vm, tmp_path: Path) -> None:
     # connection, so the two pinned writers use both connections
     run = vm.boot("""
 nbd_attach /dev/nbd0 multi "nbd0a nbd0b"
-taskset 1 dd if=p1.bin of=/dev/nbd0 bs=256k seek=32 oflag=direct status=none &
+taskset 1 /usr/bin/dd if=p1.bin of=/dev/nbd0 bs=256k seek=32 oflag=direct status=none &
 w1=$!
-taskset 2 dd if=p2.bin of=/dev/nbd0 bs=256k seek=256 oflag=direct status=none &
+taskset 2 /usr/bin/dd if=p2.bin of=/dev/nbd0 bs=256k seek=256 oflag=direct status=none &
 w2=$!
 wait $w1
 wait $w2
 drop_caches
-taskset 1 dd if=/dev/nbd0 bs=256k skip=32 count=64 iflag=direct status=none > r1.bin &
+taskset 1 /usr/bin/dd if=/dev/nbd0 bs=256k skip=32 count=64 iflag=direct status=none > r1.bin &
 r1=$!
-taskset 2 dd if=/dev/nbd0 bs=256k skip=256 count=64 iflag=direct status=none > r2.bin &
+taskset 2 /usr/bin/dd if=/dev/nbd0 bs=256k skip=256 count=64 iflag=direct status=none > r2.bin &
 r2=$!
 wait $r1
 wait $r2
@@ -391,13 +393,22 @@ nbd_detach /dev/nbd0
 """, {"nbd0a": srv, "nbd0b": srv}, files={"p1.bin": p1, "p2.bin": p2}, smp=2)
     run.expect("r1", sha256(p1))
     run.expect("r2", sha256(p2))
+    # both of the guest's connections carried I/O: the server logs how many
+    # requests each one served when it closes ("conn N (...): closed after K requests")
+    deadline = time.monotonic() + 10
+    while len(counts := _closed_counts(srv.log())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    run.check(len(counts) == 2, f"the server logged {len(counts)} closed connections, not 2")
+    run.check(all(n > 16 for n in counts.values()),
+              f"not both connections carried I/O: requests per connection {counts}")
     image = srv.read_all(tmp_path / "seen.img")
     expected = bytearray(128 * MiB)
     expected[8 * MiB:24 * MiB] = p1
     expected[64 * MiB:80 * MiB] = p2
     run.check(image == expected, "nbdcopy does not see both patterns")
-    log = srv.stop()
-    # the server's per-connection request counts (its "closed after N requests" lines)
-    counts = [int(n) for n in re.findall(r"\): closed after (\d+) requests", log)]
-    busy = [n for n in counts if n > 16]
-    run.check(len(busy) >= 2, f"not both connections carried I/O: request counts {counts}")
+    srv.stop()
+
+
+def _closed_counts(log: str) -> dict[int, int]:
+    return {int(c): int(n) for c, n in
+            re.findall(r"conn (\d+) \(.*?\): closed after (\d+) requests", log)}

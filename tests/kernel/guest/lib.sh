@@ -2,6 +2,8 @@
 # run.sh runs under `sh -ex`; the helpers switch the trace off inside so that
 # it shows the test's own commands.
 set -o pipefail
+# dd, mke2fs... as functions running the real programs, not busybox applets
+. /lib/lbd/real-programs.sh
 
 # result KEY VALUE...: a line the host parses (tests/kernel/conftest.py)
 result() {
@@ -11,7 +13,7 @@ result() {
 }
 
 _port_dev() {
-    i=0
+    local i=0 p
     while [ $i -lt 100 ]; do
         for p in /sys/class/virtio-ports/*; do
             if [ -e "$p/name" ] && [ "$(cat "$p/name")" = "$1" ] && [ -c "/dev/${p##*/}" ]; then
@@ -33,9 +35,8 @@ port_dev() {
 }
 
 _nbd_attach() {
-    dev=$1 export=$2 ports=$3
+    local dev=$1 name=$2 ports=$3 n=0 p sock i
     shift 3
-    n=0
     for p in $ports; do
         _port_dev "$p" >/dev/null || return 1
         n=$((n + 1))
@@ -58,8 +59,8 @@ _nbd_attach() {
             return 1
         fi
     done
-    echo "lbd-guest: nbd-client -unix $sock $dev -N $export -b 4096 -C $n $*"
-    nbd-client -unix "$sock" "$dev" -N "$export" -b 4096 -C "$n" "$@"
+    echo "lbd-guest: nbd-client -unix $sock $dev -N $name -b 4096 -C $n $*"
+    nbd-client -unix "$sock" "$dev" -N "$name" -b 4096 -C "$n" "$@"
 }
 
 # nbd_attach DEVICE EXPORT "PORT [PORT...]" [NBD-CLIENT-OPTIONS...]
@@ -75,8 +76,8 @@ nbd_attach() {
 # nbd_detach DEVICE: disconnect (NBD_CMD_DISC) and wait until the kernel let go
 nbd_detach() {
     { set +x; } 2>/dev/null
+    local i=0
     nbd-client -d "$1" || return 1
-    i=0
     while [ -e "/sys/block/${1##*/}/pid" ]; do
         sleep 0.05
         i=$((i + 1))
