@@ -1,0 +1,205 @@
+"""The change-file format on real files: replay, index snapshots, torn tails."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from lbd.errors import ConfigError, CorruptionError
+from lbd.layer import Identity
+from lbd.layers import changefile as cfmod
+from lbd.layers.changefile import AREA_SLOTS, ENTRY_SIZE, ChangeFile
+from lbd.layers.fileio import FileIO
+
+SECTOR = 512
+MiB = 1 << 20
+
+
+def read(cf: ChangeFile, sector: int, count: int) -> bytes | None:
+    """Bytes of a fully present range, or None where absent (zeros for zero)."""
+    out = bytearray()
+    for _s, n, loc in cf.lookup(sector, count):
+        if loc is None:
+            return None
+        out += bytes(n * SECTOR) if loc == cfmod.ZERO else cf.io.pread(n * SECTOR, loc)
+    return bytes(out)
+
+
+def pattern(i: int, n: int = 4096) -> bytes:
+    return (i.to_bytes(4, "little") * (n // 4))[:n]
+
+
+def test_write_reopen_replays_the_journal(tmp_path: Path) -> None:
+    p = str(tmp_path / "c.lbd")
+    cf = ChangeFile.create(p, 64 * MiB, Identity())
+    for i in range(50):
+        cf.write(i * 16, [pattern(i)], 4096)
+    cf.zero(8, 4)
+    cf.close(clean=False)  # like kill -9: no index snapshot
+    cf = ChangeFile.open(p, writable=False)
+    assert cf.header.index_area == 0
+    for i in range(50):
+        got = read(cf, i * 16, 8)
+        assert got == pattern(i), i
+    assert read(cf, 8, 4) == bytes(4 * SECTOR)
+    assert read(cf, 12, 4) is None  # never written: falls through
+    cf.close()
+
+
+def test_clean_close_writes_an_index_snapshot(tmp_path: Path) -> None:
+    p = str(tmp_path / "c.lbd")
+    cf = ChangeFile.create(p, 64 * MiB, Identity())
+    for i in range(10):
+        cf.write(i * 8, [pattern(i)], 4096)
+    cf.close()
+    cf = ChangeFile.open(p, writable=True)
+    assert cf.header.index_area != 0
+    cf.write(200, [pattern(99)], 4096)  # after the snapshot: replayed from the journal
+    cf.close(clean=False)
+    cf = ChangeFile.open(p, writable=False)
+    assert [read(cf, i * 8, 8) for i in range(10)] == [pattern(i) for i in range(10)]
+    assert read(cf, 200, 8) == pattern(99)
+    st = cf.stats()
+    assert st.live_bytes == 11 * 4096 and st.dead_bytes == 0
+    cf.close()
+
+
+def test_many_entries_span_journal_areas(tmp_path: Path) -> None:
+    p = str(tmp_path / "c.lbd")
+    cf = ChangeFile.create(p, 64 * MiB, Identity())
+    n = AREA_SLOTS * 2 + 10
+    rng = random.Random(3)
+    expect: dict[int, bytes] = {}
+    for i in range(n):
+        sector = rng.randrange(0, 64 * MiB // SECTOR - 1)
+        data = pattern(i, SECTOR)
+        cf.write(sector, [data], SECTOR)
+        expect[sector] = data
+    cf.close(clean=False)
+    cf = ChangeFile.open(p, writable=False)
+    for sector, data in expect.items():
+        assert read(cf, sector, 1) == data
+    st = cf.stats()
+    assert st.live_bytes == len(expect) * SECTOR
+    assert st.dead_bytes == (n - len(expect)) * SECTOR
+    cf.close()
+
+
+def _slot_offset(cf: ChangeFile, seq: int) -> int:
+    """File offset of the entry with a given seq in the first journal area."""
+    return cf.header.journal_start + (seq - 1) * ENTRY_SIZE
+
+
+def test_torn_payload_after_last_sync_is_dropped(tmp_path: Path) -> None:
+    p = str(tmp_path / "c.lbd")
+    cf = ChangeFile.create(p, 64 * MiB, Identity())
+    for i in range(5):
+        cf.write(i * 8, [pattern(i)], 4096)
+    cf.sync()
+    for i in range(5, 8):
+        cf.write(i * 8, [pattern(i)], 4096)
+    loc6 = cf.lookup(6 * 8, 8)[0][2]
+    cf.close(clean=False)
+    with open(p, "r+b") as f:  # the payload of entry 7 never fully reached the disk
+        f.seek(loc6 + 1000)
+        f.write(b"\xee" * 100)
+    cf = ChangeFile.open(p, writable=True)
+    assert cf.dropped_tail == 2  # entry 7 and everything after it
+    assert [read(cf, i * 8, 8) for i in range(6)] == [pattern(i) for i in range(6)]
+    assert read(cf, 6 * 8, 8) is None and read(cf, 7 * 8, 8) is None
+    # the freed slots are reused; the stale entry 8 must never come back
+    cf.write(100, [pattern(42)], 4096)
+    cf.close(clean=False)
+    cf = ChangeFile.open(p, writable=False)
+    assert read(cf, 7 * 8, 8) is None
+    assert read(cf, 100, 8) == pattern(42)
+    cf.close()
+
+
+def test_corrupt_synced_payload_is_an_error_not_data(tmp_path: Path) -> None:
+    p = str(tmp_path / "c.lbd")
+    cf = ChangeFile.create(p, 64 * MiB, Identity())
+    cf.write(0, [pattern(1)], 4096)
+    cf.sync()
+    cf.write(8, [pattern(2)], 4096)  # carries "entry 1 is durable"
+    loc = cf.lookup(0, 8)[0][2]
+    cf.close(clean=False)
+    with open(p, "r+b") as f:
+        f.seek(loc)
+        f.write(b"\x00" * 16)
+    with pytest.raises(CorruptionError, match="fails its checksum"):
+        ChangeFile.open(p, writable=False, verify=True)
+
+
+def test_garbage_entry_ends_the_journal(tmp_path: Path) -> None:
+    p = str(tmp_path / "c.lbd")
+    cf = ChangeFile.create(p, 64 * MiB, Identity())
+    for i in range(4):
+        cf.write(i * 8, [pattern(i)], 4096)
+    off = _slot_offset(cf, 3)
+    cf.close(clean=False)
+    with open(p, "r+b") as f:
+        f.seek(off + 20)
+        f.write(b"\x01")
+    cf = ChangeFile.open(p, writable=False)
+    assert read(cf, 0, 8) == pattern(0) and read(cf, 8, 8) == pattern(1)
+    assert read(cf, 16, 8) is None and read(cf, 24, 8) is None
+    cf.close()
+
+
+def test_header_copies(tmp_path: Path) -> None:
+    p = str(tmp_path / "c.lbd")
+    cf = ChangeFile.create(p, 64 * MiB, Identity())
+    cf.write(0, [pattern(1)], 4096)
+    cf.close()  # writes header generation 1 into slot B
+    with open(p, "r+b") as f:  # damage slot B: slot A (generation 0) still opens
+        f.seek(512 + 100)
+        f.write(b"\xff\xff")
+    cf = ChangeFile.open(p, writable=False)
+    assert cf.header.index_area == 0 and read(cf, 0, 8) == pattern(1)
+    cf.close()
+    with open(p, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff")
+    with pytest.raises(CorruptionError, match="both header copies"):
+        ChangeFile.open(p, writable=False)
+
+
+def test_not_a_change_file(tmp_path: Path) -> None:
+    p = tmp_path / "junk"
+    p.write_bytes(b"hello" * 200)
+    with pytest.raises(ConfigError, match="not an LBD change file"):
+        ChangeFile.open(str(p), writable=False)
+    v1 = tmp_path / "v1"
+    v1.write_bytes(bytes(504) + bytes.fromhex("4c42445801010101"))
+    assert cfmod.detect(str(v1)) == "v1"
+
+
+class CountingIO(FileIO):
+    bytes_read = 0
+
+    def pread(self, length: int, offset: int) -> bytes:
+        data = super().pread(length, offset)
+        CountingIO.bytes_read += len(data)
+        return data
+
+
+def test_open_cost_is_proportional_to_what_was_written(tmp_path: Path) -> None:
+    """A 1 TiB device with 4 MiB written reads a few MiB to open, not the device."""
+    p = str(tmp_path / "big.lbd")
+    tib = 1 << 40
+    cf = ChangeFile.create(p, tib, Identity())
+    rng = random.Random(7)
+    for i in range(1024):
+        cf.write(rng.randrange(0, tib // SECTOR - 8) & ~7, [pattern(i)], 4096)
+    cf.close(clean=False)
+    CountingIO.bytes_read = 0
+    cf = ChangeFile.open(p, writable=False, io_factory=CountingIO)
+    assert cf.stats().live_bytes <= 4 * MiB
+    assert CountingIO.bytes_read < 8 * MiB, CountingIO.bytes_read
+    assert len(cf.map._chunks) <= 1024
+    cf.close()
+    assert os.path.getsize(p) < 16 * MiB

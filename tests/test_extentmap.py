@@ -1,0 +1,118 @@
+"""ExtentMap against a per-sector reference model (pure logic, hypothesis)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lbd.extentmap import CHUNK_SECTORS, SECTOR, ZERO, ExtentMap
+
+SPAN = 3 * CHUNK_SECTORS + 77  # crosses chunk boundaries
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["data", "zero", "discard"]),
+        st.integers(0, SPAN - 1),
+        st.integers(1, 2 * CHUNK_SECTORS),
+    ),
+    max_size=60,
+)
+
+
+def expected_after(operations: list[tuple[str, int, int]]) -> tuple[dict[int, int], int]:
+    model: dict[int, int] = {}
+    next_loc = 1 << 20
+    replaced = 0
+    for kind, start, count in operations:
+        count = min(count, SPAN - start)
+        for i in range(count):
+            if model.get(start + i, ZERO) != ZERO and kind != "discard":
+                replaced += 1
+        if kind == "data":
+            for i in range(count):
+                model[start + i] = next_loc + i * SECTOR
+            next_loc += count * SECTOR + 4096
+        elif kind == "zero":
+            for i in range(count):
+                model[start + i] = ZERO
+        else:
+            for i in range(count):
+                model.pop(start + i, None)
+    return model, replaced
+
+
+def apply(operations: list[tuple[str, int, int]]) -> tuple[ExtentMap, int]:
+    m = ExtentMap()
+    next_loc = 1 << 20
+    replaced = 0
+    for kind, start, count in operations:
+        count = min(count, SPAN - start)
+        if kind == "data":
+            replaced += m.set(start, count, next_loc)
+            next_loc += count * SECTOR + 4096
+        elif kind == "zero":
+            replaced += m.set(start, count, ZERO)
+        else:
+            m.discard(start, count)
+    return m, replaced
+
+
+def per_sector(m: ExtentMap, start: int, count: int) -> dict[int, int]:
+    out: dict[int, int] = {}
+    pos = start
+    for s, n, loc in m.lookup(start, count):
+        assert s == pos, "lookup runs must be contiguous and in order"
+        pos += n
+        if loc is None:
+            continue
+        for i in range(n):
+            out[s + i] = loc if loc == ZERO else loc + i * SECTOR
+    assert pos == start + count
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops)
+def test_map_matches_model(operations: list[tuple[str, int, int]]) -> None:
+    model, replaced = expected_after(operations)
+    m, got_replaced = apply(operations)
+    assert per_sector(m, 0, SPAN) == model
+    assert got_replaced == replaced
+    assert m.data_sectors == sum(1 for v in model.values() if v != ZERO)
+    assert m.zero_sectors == sum(1 for v in model.values() if v == ZERO)
+    listed = list(m)
+    assert m.extent_count == len(listed)
+    # iteration gives sorted, non-overlapping extents that agree with lookups
+    prev_end = -1
+    for s, n, _loc in listed:
+        assert s >= prev_end and n > 0
+        prev_end = s + n
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops, st.integers(0, SPAN - 1), st.integers(1, SPAN))
+def test_lookup_of_subrange(operations: list[tuple[str, int, int]], start: int,
+                            count: int) -> None:
+    count = min(count, SPAN - start)
+    model, _ = expected_after(operations)
+    m, _ = apply(operations)
+    want = {k: v for k, v in model.items() if start <= k < start + count}
+    assert per_sector(m, start, count) == want
+
+
+def test_sequential_writes_coalesce() -> None:
+    m = ExtentMap()
+    for i in range(100):
+        m.set(i * 8, 8, 4096 + i * 8 * SECTOR)
+    assert m.lookup(0, 800) == [(0, 800, 4096)]
+    assert m.extent_count == 1
+
+
+def test_memory_is_proportional_to_what_was_written() -> None:
+    m = ExtentMap()
+    tib_sectors = (1 << 40) // SECTOR
+    m.set(tib_sectors - 8, 8, 4096)
+    m.set(12345, 1, ZERO)
+    assert len(m._chunks) == 2
+    assert m.lookup(tib_sectors - 16, 16) == [(tib_sectors - 16, 8, None),
+                                               (tib_sectors - 8, 8, 4096)]
