@@ -46,5 +46,9 @@ def servers(lbd_exe: str, tmp_path: Path) -> Iterator[Servers]:
 
 
 @pytest.fixture
-def vm(guest: build_initramfs.Guest, tmp_path: Path) -> Vm:
-    return Vm(guest, tmp_path)
+def vm(guest: build_initramfs.Guest, tmp_path: Path) -> Iterator[Vm]:
+    sockdir = Path(tempfile.mkdtemp(prefix="lbdk-"))
+    try:
+        yield Vm(guest, tmp_path, sockdir)
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)

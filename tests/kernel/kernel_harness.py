@@ -3,7 +3,9 @@
 Each test starts one or more ``lbd serve`` processes on Unix sockets
 (:class:`Servers`), then boots a Debian kernel under QEMU (TCG) whose nbd
 driver and ``nbd-client`` reach those sockets through virtio-serial ports, one
-port (a QEMU socket chardev) per NBD connection (:class:`Vm`).  The guest runs
+port (a QEMU socket chardev) per NBD connection (:class:`Vm`).  Each port's
+connection passes through a :class:`Tap` on the host that decodes what the
+kernel's client sends (handshake flags, options, requests by type).  The guest runs
 a shell script the test hands over in a small cpio appended to the initramfs,
 prints ``LBD-RESULT key value`` lines and ``LBD-GUEST-END rc=N`` on the serial
 console, and powers off.  Every boot has a time limit; a failure shows the
@@ -19,9 +21,13 @@ import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +36,7 @@ import build_initramfs
 import pytest
 
 #: seconds one VM boot may take before it is killed and the test fails
-VM_TIMEOUT = float(os.environ.get("LBD_KERNEL_VM_TIMEOUT", "240"))
+VM_TIMEOUT = float(os.environ.get("LBD_KERNEL_VM_TIMEOUT", "150"))
 #: seconds a server may take to start listening or to stop after SIGTERM
 SERVER_TIMEOUT = 30.0
 HOST_TOOLS = ("qemu-system-x86_64", "nbdcopy", "nbdinfo", "mkfs.ext4", "e2fsck", "debugfs")
@@ -203,6 +209,149 @@ class Servers:
         return problems
 
 
+# -- a tap on each NBD connection ---------------------------------------------------------
+
+OPT_MAGIC = b"IHAVEOPT"
+REQUEST_MAGIC = struct.pack(">I", 0x25609513)
+OPT_EXPORT_NAME, OPT_GO = 1, 7
+CLIENT_FIXED_NEWSTYLE, CLIENT_NO_ZEROES = 1, 2
+CMD_NAMES = {0: "READ", 1: "WRITE", 2: "DISC", 3: "FLUSH", 4: "TRIM", 5: "CACHE",
+             6: "WRITE_ZEROES", 7: "BLOCK_STATUS"}
+
+
+class Tap:
+    """A relay between one QEMU socket chardev and a server's Unix socket.
+
+    It passes every byte on unchanged and decodes the client's side of the
+    conversation: the handshake flags, the options (with their data) and the
+    transmission requests, counted by command and flag, so a test can see what
+    the kernel itself sent, independently of the server's logs.
+    """
+
+    def __init__(self, path: Path, upstream: Path, timeout: float) -> None:
+        self.path = path
+        self.upstream = upstream
+        self.client_flags: int | None = None
+        self.options: list[tuple[int, bytes]] = []
+        self.commands: Counter[str] = Counter()
+        self.fua = 0  #: requests with NBD_CMD_FLAG_FUA
+        self.error: str | None = None
+        self.connected = False
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(1)
+        self._listener.settimeout(timeout)
+        self._thread = threading.Thread(target=self._run, name=f"tap {path.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def export_names(self, opt: int = OPT_GO) -> list[str]:
+        """Names asked for with NBD_OPT_GO (or, with ``opt``, NBD_OPT_INFO)."""
+        names = []
+        for o, data in self.options:
+            if o == opt and len(data) >= 4:
+                (n,) = struct.unpack_from(">I", data)
+                names.append(data[4:4 + n].decode(errors="replace"))
+        return names
+
+    def summary(self) -> str:
+        opts = [f"{o}:{d[:40]!r}" for o, d in self.options]
+        return (f"client flags {self.client_flags}, options {opts}, "
+                f"commands {dict(self.commands)}, fua {self.fua}, error {self.error}")
+
+    def close(self) -> None:
+        self._listener.close()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        try:
+            client, _ = self._listener.accept()
+        except OSError:
+            return  # closed or timed out: QEMU never connected
+        client.settimeout(None)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            server.connect(str(self.upstream))
+        except OSError as exc:
+            self.error = f"connecting to {self.upstream}: {exc}"
+            client.close()
+            return
+        self.connected = True
+        back = threading.Thread(target=self._pump, args=(server, client, None), daemon=True)
+        back.start()
+        self._pump(client, server, _Parser(self))
+        back.join(30)
+        client.close()
+        server.close()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, parser: _Parser | None) -> None:
+        try:
+            while chunk := src.recv(1 << 20):
+                if parser is not None:
+                    parser.feed(chunk)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+
+class _Parser:
+    """Decodes the client-to-server byte stream of one NBD connection."""
+
+    def __init__(self, tap: Tap) -> None:
+        self.tap = tap
+        self.buf = bytearray()
+        self.skip = 0  # write payload bytes still to pass over
+        self.dead = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.dead:
+            return
+        if self.skip:
+            n = min(self.skip, len(chunk))
+            self.skip -= n
+            chunk = chunk[n:]
+        self.buf += chunk
+        tap = self.tap
+        while not self.dead and not self.skip:
+            buf = self.buf
+            if tap.client_flags is None:
+                if len(buf) < 4:
+                    return
+                (tap.client_flags,) = struct.unpack_from(">I", buf)
+                del buf[:4]
+            elif buf[:8] == OPT_MAGIC:
+                if len(buf) < 16:
+                    return
+                opt, length = struct.unpack_from(">II", buf, 8)
+                if len(buf) < 16 + length:
+                    return
+                tap.options.append((opt, bytes(buf[16:16 + length])))
+                del buf[:16 + length]
+            elif buf[:4] == REQUEST_MAGIC:
+                if len(buf) < 28:
+                    return
+                flags, cmd, _handle, _offset, length = struct.unpack_from(">HHQQI", buf, 4)
+                tap.commands[CMD_NAMES.get(cmd, str(cmd))] += 1
+                tap.fua += bool(flags & 1)
+                del buf[:28]
+                if cmd == 1:  # WRITE: its payload follows
+                    n = min(length, len(buf))
+                    del buf[:n]
+                    self.skip = length - n
+            elif len(buf) < 8:
+                return
+            else:
+                tap.error = f"undecodable client bytes {bytes(buf[:16]).hex()}"
+                self.dead = True
+                return
+
+
 # -- the guest ----------------------------------------------------------------------------
 
 
@@ -212,6 +361,7 @@ class GuestRun:
     rc: int | None  #: the test script's exit status, None if it never ended
     elapsed: float
     servers: list[Server]
+    taps: dict[str, Tap]  #: by port name
     results: dict[str, list[str]] = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -220,6 +370,7 @@ class GuestRun:
     def report(self) -> str:
         return ("\n===== guest serial console =====\n" + self.console.rstrip()
                 + "\n===== end of console =====\n"
+                + "".join(f"--- port {p}: {t.summary()}\n" for p, t in self.taps.items())
                 + "".join(s.describe() for s in self.servers))
 
     def __getitem__(self, key: str) -> str:
@@ -239,9 +390,10 @@ class GuestRun:
 class Vm:
     """Boots the guest; one instance per test."""
 
-    def __init__(self, guest: build_initramfs.Guest, workdir: Path) -> None:
+    def __init__(self, guest: build_initramfs.Guest, workdir: Path, sockdir: Path) -> None:
         self.guest = guest
         self.workdir = workdir
+        self.sockdir = sockdir  # short: Unix socket paths are limited to 108 bytes
         self.boots = 0
 
     def boot(self, script: str, ports: dict[str, Server], *, files: dict[str, bytes] | None = None,
@@ -249,8 +401,9 @@ class Vm:
         """Run ``script`` (sh, after ``. /lib/lbd/lib.sh``) in a fresh guest.
 
         ``ports`` maps virtio-serial port names to the server each one connects
-        to: one port carries one NBD connection.  ``files`` land in /test/ in
-        the guest.  With ``check`` the script must have ended with status 0.
+        to: one port carries one NBD connection, through a :class:`Tap`.
+        ``files`` land in /test/ in the guest.  With ``check`` the script must
+        have ended with status 0.
         """
         self.boots += 1
         n = self.boots
@@ -267,26 +420,32 @@ class Vm:
                 "-kernel", str(self.guest.kernel), "-initrd", str(initrd),
                 "-append", "console=ttyS0 panic=-1 quiet",
                 "-device", "virtio-serial-pci"]
-        for i, (port, server) in enumerate(ports.items()):
-            argv += ["-chardev", f"socket,id=c{i},path={server.socket}",
-                     "-device", f"virtserialport,chardev=c{i},name={port}"]
-        servers = list(dict.fromkeys(ports.values()))
-        start = time.monotonic()
-        timed_out = False
-        with open(console_path, "wb") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                proc.kill()
-                proc.wait()
-        elapsed = time.monotonic() - start
-        initrd.unlink()
+        taps: dict[str, Tap] = {}
+        try:
+            for i, (port, server) in enumerate(ports.items()):
+                tap = taps[port] = Tap(self.sockdir / f"{n}-{i}.tap", server.socket, timeout)
+                argv += ["-chardev", f"socket,id=c{i},path={tap.path}",
+                         "-device", f"virtserialport,chardev=c{i},name={port}"]
+            servers = list(dict.fromkeys(ports.values()))
+            start = time.monotonic()
+            timed_out = False
+            with open(console_path, "wb") as out:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    proc.kill()
+                    proc.wait()
+            elapsed = time.monotonic() - start
+        finally:
+            for tap in taps.values():
+                tap.close()
+            initrd.unlink()
         console = _ANSI.sub("", console_path.read_bytes().decode(errors="replace"))
         console = console.replace("\r", "")
         m = re.search(r"^LBD-GUEST-END rc=(\d+)$", console, re.MULTILINE)
-        run = GuestRun(console, int(m.group(1)) if m else None, elapsed, servers)
+        run = GuestRun(console, int(m.group(1)) if m else None, elapsed, servers, taps)
         for line in console.splitlines():
             if line.startswith("LBD-RESULT "):
                 parts = line.split(None, 2)
@@ -294,10 +453,14 @@ class Vm:
                     run.results.setdefault(parts[1], []).append(
                         parts[2].strip() if len(parts) > 2 else "")
         print(f"boot {n}: {elapsed:.1f} s, script rc={run.rc}")
+        for port, tap in taps.items():
+            print(f"  port {port}: {tap.summary()}")
         if timed_out:
             pytest.fail(f"the guest did not power off within {timeout:.0f} s (boot {n})"
                         + run.report(), pytrace=False)
         if check:
             run.check(run.rc == 0, f"the guest test script failed (boot {n}, rc={run.rc}, "
                       f"qemu exit {proc.returncode})")
+            for port, tap in taps.items():
+                run.check(tap.error is None, f"port {port}: {tap.error}")
         return run

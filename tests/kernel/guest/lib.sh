@@ -59,12 +59,16 @@ _nbd_attach() {
             return 1
         fi
     done
-    echo "lbd-guest: nbd-client -unix $sock $dev -N $name -b 4096 -C $n $*"
-    nbd-client -unix "$sock" "$dev" -N "$name" -b 4096 -C "$n" "$@"
+    if [ -n "$name" ]; then
+        set -- -N "$name" "$@"
+    fi
+    echo "lbd-guest: nbd-client -unix $sock $dev -b 4096 -C $n $*"
+    nbd-client -unix "$sock" "$dev" -b 4096 -C "$n" "$@"
 }
 
 # nbd_attach DEVICE EXPORT "PORT [PORT...]" [NBD-CLIENT-OPTIONS...]
-# Connect DEVICE (/dev/nbdN) to the export with one NBD connection per port
+# Connect DEVICE (/dev/nbdN) to the export ("": no -N, the default export)
+# with one NBD connection per port
 # (nbd-client -C N): a socat in the guest relays the Unix socket nbd-client
 # connects to, to the port, which QEMU relays to LBD's socket on the host.
 nbd_attach() {
