@@ -88,9 +88,10 @@ def _log_stderr(msg: str) -> None:
     print(f"build_initramfs: {msg}", file=sys.stderr, flush=True)
 
 
-def _run(cmd: list[str], **kw: object) -> str:
+def _run(cmd: list[str], cwd: Path | None = None) -> str:
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)  # type: ignore[call-overload]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd,
+                              stdin=subprocess.DEVNULL)
     except FileNotFoundError as exc:
         raise BuildError(f"{cmd[0]} is missing (see tools/packages-debian.txt): {exc}") from exc
     if proc.returncode != 0:

@@ -260,6 +260,10 @@ class Tap:
                 f"commands {dict(self.commands)}, fua {self.fua}, error {self.error}")
 
     def close(self) -> None:
+        try:  # wakes a thread still in accept() (QEMU never connected)
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._listener.close()
         self._thread.join(10)
 
