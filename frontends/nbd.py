@@ -237,6 +237,7 @@ class Connection:
         self._recv_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._dead = False
+        self._wbatch: list[tuple[int, int, memoryview, bool]] = []
 
     def info(self) -> dict[str, object]:
         return {"id": self.cid, "peer": self.peer, "export": self.export_name,
@@ -367,6 +368,7 @@ class Connection:
             while end - start >= req_size:
                 magic, flags, cmd, handle, offset, length = req.unpack_from(buf, start)
                 if magic != magic_ok:
+                    self._commit_writes()
                     log.warning("conn %d: bad request magic %#x; closing", self.cid, magic)
                     return
                 if cmd == P.CMD_WRITE:
@@ -380,6 +382,7 @@ class Connection:
                         continue
                     total = req_size + length
                     if end - start < total:
+                        self._commit_writes()  # their payloads may be moved below
                         if total > len(buf) - start:
                             # make room: move the partial request to the front of
                             # the buffer, or of a bigger one for a large write
@@ -399,10 +402,12 @@ class Connection:
                     continue
                 start += req_size
                 self.requests += 1
+                self._commit_writes()
                 if cmd == P.CMD_DISC:
                     log.debug("conn %d: disconnect requested", self.cid)
                     return
                 self._dispatch(cmd, flags, handle, offset, length)
+            self._commit_writes()
             if self._out:
                 await self._flush()
                 if self._out_bytes >= OUTPUT_HIGH_WATER:
@@ -502,7 +507,7 @@ class Connection:
                     return
                 self._read_reply(handle, offset, data)
             elif cmd == P.CMD_FLUSH:
-                self._spawn(self._flush_async, cmd, handle)
+                self._spawn(self._flush_async, cmd, [handle])
             elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
                 if self.readonly:
                     raise IOFailure(errno.EPERM, "read-only export")
@@ -510,7 +515,7 @@ class Connection:
                             no_hole=bool(flags & P.CMDF_NO_HOLE),
                             fast=bool(flags & P.CMDF_FAST_ZERO))
                 if flags & P.CMDF_FUA:
-                    self._spawn(self._flush_async, cmd, handle)
+                    self._spawn(self._flush_async, cmd, [handle])
                 else:
                     self._ok(handle)
             elif cmd == P.CMD_BLOCK_STATUS:
@@ -531,6 +536,15 @@ class Connection:
         if problem is not None:
             self._error(P.CMD_WRITE, handle, P.EINVAL, problem)
             return
+        fua = bool(flags & P.CMDF_FUA)
+        if not (offset | length) & 511 and not self.readonly:
+            # aligned writes of one receive are committed together (_commit_writes)
+            self._wbatch.append((handle, offset, payload, fua))
+            return
+        self._commit_writes()
+        self._write_one(handle, offset, payload, fua)
+
+    def _write_one(self, handle: int, offset: int, payload: memoryview, fua: bool) -> None:
         try:
             if self.readonly:
                 raise IOFailure(errno.EPERM, "read-only export")
@@ -538,10 +552,35 @@ class Connection:
         except Exception as exc:
             self._fail(P.CMD_WRITE, handle, exc)
             return
-        if flags & P.CMDF_FUA:
-            self._spawn(self._flush_async, P.CMD_WRITE, handle)
+        if fua:
+            self._spawn(self._flush_async, P.CMD_WRITE, [handle])
         else:
             self._ok(handle)
+
+    def _commit_writes(self) -> None:
+        """Apply the batched writes in order, then queue their replies.
+
+        Called before any other request is served (so it sees the writes)
+        and before the receive buffer their payloads live in is reused.
+        """
+        batch = self._wbatch
+        if not batch:
+            return
+        self._wbatch = []
+        try:
+            self.device.write_batch([(offset, payload) for _, offset, payload, _ in batch])
+        except Exception:
+            for handle, offset, payload, fua in batch:  # one by one, for exact errors
+                self._write_one(handle, offset, payload, fua)
+            return
+        durable = []
+        for handle, _, _, fua in batch:
+            if fua:
+                durable.append(handle)
+            else:
+                self._ok(handle)
+        if durable:
+            self._spawn(self._flush_async, P.CMD_WRITE, durable)
 
     def _block_status(self, flags: int, handle: int, offset: int, length: int) -> None:
         if not self.contexts:
@@ -572,13 +611,15 @@ class Connection:
             self._read_reply(handle, offset, data)
         await self._flush()
 
-    async def _flush_async(self, cmd: int, handle: int) -> None:
+    async def _flush_async(self, cmd: int, handles: list[int]) -> None:
         try:
             await self.device.aflush()
         except Exception as exc:
-            self._fail(cmd, handle, exc)
+            for handle in handles:
+                self._fail(cmd, handle, exc)
         else:
-            self._ok(handle)
+            for handle in handles:
+                self._ok(handle)
         await self._flush()
 
 

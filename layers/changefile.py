@@ -41,6 +41,7 @@ ENTRY_SIZE = 64
 AREA_SLOTS = 1024  # entries per journal area; the last slot holds NEXT
 AREA_SIZE = AREA_SLOTS * ENTRY_SIZE
 DATA_ALIGN = 4096
+GROW_STEP = 64 << 20  # the file is extended (sparsely) this much at a time
 
 # journal entry types
 E_DATA = 1
@@ -52,7 +53,7 @@ ENTRY_MAGIC = 0x4C45  # "EL" little-endian
 _HEADER = struct.Struct("<8sIIQQ16s16sII64sQQQQQ")
 _ENTRY = struct.Struct("<HBBIQQQQQII4x")  # 60 bytes, then the entry's CRC-32C
 _U32 = struct.Struct("<I")
-_INDEX_HEAD = struct.Struct("<QQQ")  # extents, data bytes total, reserved
+_INDEX_HEAD = struct.Struct("<QQQ")  # extents, data bytes total, end of used space
 _INDEX_EXTENT = struct.Struct("<QQq")  # sector, count, loc (-1 = zero)
 
 
@@ -162,6 +163,7 @@ class ChangeFile:
         self.area = header.journal_start  # current journal area
         self.slot = 0  # next free slot in it
         self.end = HEADER_SIZE  # where the next payload or area goes
+        self.reserved = 0  # the file's size: room up to here needs no extension
         self.data_bytes = 0
         self.entries = 0
         self.dropped_tail = 0  # entries dropped as torn when opened
@@ -184,7 +186,7 @@ class ChangeFile:
             io.close()
             raise
         cf = cls(io, header)
-        cf.end = HEADER_SIZE + AREA_SIZE
+        cf.end = cf.reserved = HEADER_SIZE + AREA_SIZE
         return cf
 
     @classmethod
@@ -267,7 +269,16 @@ class ChangeFile:
             seq = e.seq
         self.area, self.slot, self.seq = area, slot, seq - 1
         self.durable_seq = min(self.seq, max_durable)
-        self.end = _align(max(fsize, HEADER_SIZE + AREA_SIZE), DATA_ALIGN)
+        # New data goes after everything the journal still references; what
+        # lies beyond (sparse room, a dropped torn tail) is free space.
+        used = [self.end, self.area + AREA_SIZE]
+        for _, _, e in entries[:good]:
+            if e.type == E_DATA:
+                used.append(e.c + e.b * SECTOR)
+            elif e.type == E_INDEX:
+                used.append(e.c + e.b)
+        self.end = _align(max(used), DATA_ALIGN)
+        self.reserved = fsize
 
     def _decode_entry(self, area_bytes: bytes, slot: int) -> Entry | None:
         off = slot * ENTRY_SIZE
@@ -305,7 +316,7 @@ class ChangeFile:
         if not self._payload_ok(e, self.io.size()):
             raise CorruptionError("index snapshot checksum mismatch")
         blob = self.io.pread(e.b, e.c)
-        count, data_bytes, _ = _INDEX_HEAD.unpack_from(blob)
+        count, data_bytes, used_end = _INDEX_HEAD.unpack_from(blob)
         body = _INDEX_HEAD.size + count * _INDEX_EXTENT.size
         if e.a != count or body > len(blob):
             raise CorruptionError("index snapshot has a bad extent count")
@@ -315,6 +326,7 @@ class ChangeFile:
         self.map = m
         self.data_bytes = data_bytes
         self.entries = 1
+        self.end = max(used_end, e.c + e.b)
 
     def _reset_tail(self) -> None:
         """Zero every slot after the last good entry, then sync.
@@ -338,6 +350,7 @@ class ChangeFile:
         """Position of the next journal slot, opening a new area when full."""
         if self.slot >= AREA_SLOTS - 1:
             new_area = _align(self.end, DATA_ALIGN)
+            self._room(new_area + AREA_SIZE)
             self.io.allocate(new_area, AREA_SIZE)
             self.io.pwrite(self._entry(self.seq + 1, E_NEXT, 0, AREA_SLOTS, new_area, 0),
                            self.area + (AREA_SLOTS - 1) * ENTRY_SIZE)
@@ -353,19 +366,61 @@ class ChangeFile:
         self.slot += 1
         self.entries += 1
 
+    def _room(self, end: int) -> None:
+        """Extend the file (sparsely) ahead of appends.
+
+        Appending past the end of file costs a size update per write; growing
+        in large steps keeps every write inside the file.
+        """
+        if end > self.reserved:
+            self.reserved = _align(end + GROW_STEP, GROW_STEP)
+            self.io.truncate(self.reserved)
+
     def write(self, sector: int, buffers: Sequence[Buffer], nbytes: int) -> None:
         """Append ``nbytes`` (a multiple of 512) of data for device ``sector``."""
-        crc = 0
-        for b in buffers:
-            crc = crc32c(b, crc)
-        count = nbytes // SECTOR
+        self.write_batch([(sector, buffers, nbytes)])
+
+    def write_batch(self, items: Sequence[tuple[int, Sequence[Buffer], int]]) -> None:
+        """Append several writes with one data write and one journal write.
+
+        Payloads go back to back at the end of the file and their entries
+        into consecutive slots, in order, so a later item wins where items
+        overlap.  All or nothing: on an error no entry is recorded.
+        """
         with self.lock:
-            loc = self.end if nbytes % DATA_ALIGN else _align(self.end, DATA_ALIGN)
-            self.io.pwritev(buffers, loc)
-            self.end = loc + nbytes
-            self._append_entry(E_DATA, sector, count, loc, crc)
-            self.data_bytes += nbytes
-            self.map.set(sector, count, loc)
+            end = self.end
+            placed = []
+            iov: list[Buffer] = []
+            for sector, buffers, nbytes in items:
+                loc = end if nbytes % DATA_ALIGN else _align(end, DATA_ALIGN)
+                if loc != end:
+                    iov.append(_ZEROS[:loc - end])
+                crc = 0
+                for b in buffers:
+                    crc = crc32c(b, crc)
+                iov.extend(buffers)
+                placed.append((sector, nbytes // SECTOR, loc, crc))
+                end = loc + nbytes
+            self._room(end)
+            self.io.pwritev(iov, self.end)
+            self.end = end
+            # entries: consecutive slots of the current area, then the next area
+            i = 0
+            while i < len(placed):
+                pos = self._slot_pos()
+                room = AREA_SLOTS - 1 - self.slot
+                chunk = placed[i:i + room]
+                seq = self.seq
+                raw = b"".join(self._entry(seq + k + 1, E_DATA, sector, count, loc, crc)
+                               for k, (sector, count, loc, crc) in enumerate(chunk))
+                self.io.pwrite(raw, pos)
+                self.seq += len(chunk)
+                self.slot += len(chunk)
+                self.entries += len(chunk)
+                for sector, count, loc, _crc in chunk:
+                    self.map.set(sector, count, loc)
+                    self.data_bytes += count * SECTOR
+                i += len(chunk)
 
     def zero(self, sector: int, count: int) -> None:
         """Record ``count`` sectors as zero (TRIM / WRITE_ZEROES)."""
@@ -390,11 +445,11 @@ class ChangeFile:
             if self.seq == self.header.index_seq:
                 return
             extents = list(self.map)
-            blob = bytearray(_INDEX_HEAD.pack(len(extents), self.data_bytes, 0))
-            for s, n, loc in extents:
-                blob += _INDEX_EXTENT.pack(s, n, loc)
-            blob += bytes(-len(blob) % SECTOR)
             loc = _align(self.end, DATA_ALIGN)
+            blob = bytearray(_INDEX_HEAD.pack(len(extents), self.data_bytes, loc))
+            for s, n, xloc in extents:
+                blob += _INDEX_EXTENT.pack(s, n, xloc)
+            blob += bytes(-len(blob) % SECTOR)
             self.io.pwrite(blob, loc)
             self.end = loc + len(blob)
             self._slot_pos()
@@ -446,6 +501,9 @@ def _read_header(io: FileIO, path: str) -> Header:
     if h.version != VERSION:
         raise ConfigError(f"{path}: change-file version {h.version} is not supported")
     return h
+
+
+_ZEROS = memoryview(bytes(DATA_ALIGN))
 
 
 def _align(n: int, a: int) -> int:

@@ -128,6 +128,15 @@ class ExpandableLayer(Layer):
         self.writes += 1
         self.written_bytes += nbytes
 
+    def write_batch(self, items: Sequence[tuple[int, Sequence[Buffer], int]]) -> None:
+        self._check_writable()
+        try:
+            self.cf.write_batch([(off // SECTOR, bufs, n) for off, bufs, n in items])
+        except OSError as exc:
+            raise IOFailure.from_oserror(exc, f"writing {self.path}") from exc
+        self.writes += len(items)
+        self.written_bytes += sum(n for _, _, n in items)
+
     def zero(self, offset: int, length: int, *, trim: bool, no_hole: bool, fast: bool,
              fua: bool) -> None:
         # Trimmed and zeroed sectors are recorded as zero: they must not fall

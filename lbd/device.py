@@ -156,6 +156,18 @@ class Device:
             buffers.append(tail)
         top.write(a0, buffers, a1 - a0, fua)
 
+    def write_batch(self, items: list[tuple[int, Buffer]]) -> None:
+        """Sector-aligned writes, applied in order, merged where the top layer can.
+
+        Used by frontends that receive many writes at once; all of them
+        succeed or the batch raises (and the caller may retry one by one).
+        """
+        for offset, data in items:
+            self._check(offset, len(data), write=True)
+            if (offset | len(data)) & _MASK:
+                raise ValueError("write_batch takes sector-aligned writes only")
+        self._stack[0].write_batch([(offset, [data], len(data)) for offset, data in items])
+
     def zero(self, offset: int, length: int, *, trim: bool = False, no_hole: bool = False,
              fast: bool = False, fua: bool = False) -> None:
         """WRITE_ZEROES (``trim=False``) or TRIM (``trim=True``) a range."""

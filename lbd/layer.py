@@ -107,6 +107,11 @@ class Layer(ABC):
     def write(self, offset: int, buffers: Sequence[Buffer], nbytes: int, fua: bool) -> None:
         raise IOFailure(errno.EPERM, f"{self.kind} layer is read-only")
 
+    def write_batch(self, items: Sequence[tuple[int, Sequence[Buffer], int]]) -> None:
+        """Several writes ``(offset, buffers, nbytes)`` in order; layers may merge them."""
+        for offset, buffers, nbytes in items:
+            self.write(offset, buffers, nbytes, False)
+
     def zero(self, offset: int, length: int, *, trim: bool, no_hole: bool, fast: bool,
              fua: bool) -> None:
         raise IOFailure(errno.EPERM, f"{self.kind} layer is read-only")

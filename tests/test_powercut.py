@@ -15,10 +15,10 @@ import random
 from pathlib import Path
 
 import pytest
-
-from lbd.layer import Identity
 from lbd.layers.changefile import ZERO, ChangeFile
 from lbd.layers.fileio import Buffer, FileIO
+
+from lbd.layer import Identity
 
 SECTOR = 512
 SIZE = 8 << 20
@@ -37,6 +37,10 @@ class RecordingIO(FileIO):
     def allocate(self, offset: int, length: int) -> None:
         RecordingIO.ops.append(("a", offset + length, b""))
         super().allocate(offset, length)
+
+    def truncate(self, length: int) -> None:
+        RecordingIO.ops.append(("a", length, b""))
+        super().truncate(length)
 
     def fdatasync(self) -> None:
         RecordingIO.ops.append(("s", 0, b""))
@@ -66,21 +70,24 @@ def run_workload(path: str, seed: int, n_ops: int) -> list[tuple[int, int, int, 
     return log
 
 
-def build_state(ops: list[Op], crash_at: int, rng: random.Random) -> tuple[bytearray, int]:
+Image = tuple[int, list[tuple[int, bytes]]]  # file size, writes in order
+
+
+def build_state(ops: list[Op], crash_at: int, rng: random.Random) -> tuple[Image, int]:
     """File contents after a power cut at op index ``crash_at``; and the sync index."""
     last_sync = max((i for i in range(crash_at) if ops[i][0] == "s"), default=-1)
-    img = bytearray()
+    size = 0
+    writes: list[tuple[int, bytes]] = []
 
     def apply(op: Op, torn: float = 1.0) -> None:
+        nonlocal size
         kind, off, data = op
         if kind == "a":
-            if off > len(img):
-                img.extend(bytes(off - len(img)))
+            size = max(size, off)
         elif kind == "w":
             n = len(data) if torn >= 1 else int(len(data) * torn)
-            if off + n > len(img):
-                img.extend(bytes(off + n - len(img)))
-            img[off:off + n] = data[:n]
+            writes.append((off, data[:n]))
+            size = max(size, off + n)
 
     for op in ops[:last_sync + 1]:
         apply(op)
@@ -90,13 +97,16 @@ def build_state(ops: list[Op], crash_at: int, rng: random.Random) -> tuple[bytea
             apply(op)
         elif roll < 0.6:
             apply(op, torn=rng.random())  # a torn write: only a prefix landed
-    return img, last_sync
+    return (size, writes), last_sync
 
 
-def check_state(img: bytearray, path: str, log: list[tuple[int, int, int, bytes | None]],
+def check_state(img: Image, path: str, log: list[tuple[int, int, int, bytes | None]],
                 sync_index: int) -> None:
     with open(path, "wb") as f:
-        f.write(img)
+        f.truncate(img[0])
+        for off, data in img[1]:
+            f.seek(off)
+            f.write(data)
     try:
         cf = ChangeFile.open(path, writable=False)
     except Exception as exc:  # a state before the header was durable may be unreadable
@@ -112,7 +122,7 @@ def check_state(img: bytearray, path: str, log: list[tuple[int, int, int, bytes 
         for sector, vs in versions.items():
             runs = cf.lookup(sector, 1)
             loc = runs[0][2]
-            got: bytes | None | str
+            got: bytes | str | None
             if loc is None:
                 got = "absent"
             elif loc == ZERO:
@@ -121,7 +131,7 @@ def check_state(img: bytearray, path: str, log: list[tuple[int, int, int, bytes 
                 got = cf.io.pread(SECTOR, loc)
             durable = [v for done, v in vs if done <= sync_index]
             later = [v for done, v in vs if done > sync_index]
-            allowed: list[bytes | None | str] = later[:]
+            allowed: list[bytes | str | None] = later[:]
             allowed.append(durable[-1] if durable else "absent")
             assert got in allowed, (
                 f"sector {sector}: read {got!r:.40} but allowed only "
