@@ -134,7 +134,8 @@ def test_ext4_end_to_end(servers: Servers, vm: Vm, tmp_path: Path) -> None:
                         export="ext4")
     run = vm.boot("""
 nbd_attach /dev/nbd0 ext4 nbd0
-mke2fs -q -t ext4 -b 4096 -E nodiscard -F /dev/nbd0
+# mke2fs as a user runs it: it discards the whole device first
+mke2fs -q -t ext4 -b 4096 -F /dev/nbd0
 mount -t ext4 /dev/nbd0 /mnt
 mkdir -p /mnt/dir/sub
 cp a.bin /mnt/a.bin
@@ -156,6 +157,9 @@ nbd_detach /dev/nbd0
     run.expect("fsck", 0)
     for name, data in files.items():
         run.expect(name, sha256(data))
+    tap = run.taps["nbd0"]
+    run.check(tap.commands["TRIM"] > 0 and tap.commands["FLUSH"] > 0 and tap.fua > 0,
+              f"expected mke2fs's TRIM, and ext4's FLUSH and FUA writes: {tap.summary()}")
     image = tmp_path / "seen.img"
     srv.read_all(image)
     host_fsck(image)
