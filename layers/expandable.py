@@ -150,7 +150,10 @@ class ExpandableLayer(Layer):
             raise IOFailure.from_oserror(exc, f"zeroing {self.path}") from exc
 
     def flush(self) -> None:
-        if self.writable:
+        # Not ``self.writable``: a layer just made read-only by a new top may
+        # still hold writes acknowledged before the switch.
+        cf = self.cf
+        if cf.io.writable and cf.durable_seq != cf.seq:
             try:
                 self.cf.sync()
             except OSError as exc:

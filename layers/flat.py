@@ -74,12 +74,14 @@ class FlatLayer(Layer):
             self.io.close()
             raise
         self._identity: Identity | None = None
+        self._dirty = False  # written since the last flush
 
     def describe(self) -> str:
         return self.path
 
     def identity(self) -> Identity:
-        if self._identity is None:
+        # Not cached while writable: the content (and so the fingerprint) changes.
+        if self._identity is None or self.writable:
             self._identity = Identity(ID_IMAGE, fingerprint(self.io, self.size),
                                       os.path.basename(self.path))
         return self._identity
@@ -99,7 +101,10 @@ class FlatLayer(Layer):
 
     def write(self, offset: int, buffers: Sequence[Buffer], nbytes: int, fua: bool) -> None:
         try:
-            self.io.pwritev(buffers, offset)
+            try:
+                self.io.pwritev(buffers, offset)
+            finally:
+                self._dirty = True  # after the write: a flush that saw it clean came first
             if fua:
                 self.io.fdatasync()
         except OSError as exc:
@@ -119,6 +124,7 @@ class FlatLayer(Layer):
                     if fast:
                         raise IOFailure(errno.ENOTSUP, f"zeroing is not fast on {self.path}")
                     self._write_zeros(offset, length)
+            self._dirty = True
             if fua:
                 self.io.fdatasync()
         except OSError as exc:
@@ -133,10 +139,14 @@ class FlatLayer(Layer):
             pos += n
 
     def flush(self) -> None:
-        if self.writable:
+        # Not ``self.writable``: a layer just made read-only by a new top may
+        # still hold writes acknowledged before the switch.
+        if self.io.writable and self._dirty:
+            self._dirty = False
             try:
                 self.io.fdatasync()
             except OSError as exc:
+                self._dirty = True
                 raise IOFailure.from_oserror(exc, f"flushing {self.path}") from exc
 
     def cache(self, offset: int, length: int) -> None:

@@ -187,10 +187,16 @@ class Device:
             self._stack[0].zero(a0, a1 - a0, trim=trim, no_hole=no_hole, fast=fast, fua=fua)
 
     def flush(self) -> None:
-        """Make every acknowledged write durable."""
-        for layer in self._stack:
-            if layer.writable:
-                layer.flush()
+        """Make every acknowledged write durable.
+
+        Every layer is asked, not only the writable top: after
+        :meth:`push_layer` the old top is read-only but may still hold
+        acknowledged writes that are not yet on stable storage (a layer with
+        nothing pending returns at once).  Iterates over a copy, because this
+        runs in a worker thread while the event loop may push a layer.
+        """
+        for layer in list(self._stack):
+            layer.flush()
 
     async def aflush(self) -> None:
         await trio.to_thread.run_sync(self.flush)
