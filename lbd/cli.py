@@ -19,6 +19,8 @@ from lbd.config import (
 from lbd.errors import ConfigError, LBDError
 
 DEFAULT_NBD_PORT = 10809  # IANA's port for NBD
+DEFAULT_MANAGE_HOST = "127.0.0.1"  # the management daemon: loopback unless told otherwise
+DEFAULT_MANAGE_PORT = 6666  # the original's
 DEFAULT_SIZE = 1 << 30
 
 _LAYER_FLAGS = {
@@ -105,12 +107,23 @@ def main() -> None:
               help="Oldstyle handshake for very old clients (no export names, no options).")
 @click.option("--force", is_flag=True,
               help="Open change files even if they were created on another base.")
+@click.option("-a", "--manage", "manage", default=f"{DEFAULT_MANAGE_HOST}:{DEFAULT_MANAGE_PORT}",
+              show_default=True, metavar="[HOST:]PORT|none",
+              help="Management daemon address (lbd ctl, docs/management.md); a bare port is "
+                   "on 127.0.0.1; 'none' turns it off.")
+@click.option("--manage-token", metavar="FILE",
+              help="Every management request must carry the secret in FILE.")
+@click.option("--manage-timeout", type=click.FloatRange(min=0.1), default=60.0,
+              show_default=True, metavar="SECONDS",
+              help="A management client that sends no complete request for this long is "
+                   "disconnected.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: every request).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.pass_context
 def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
           listen: tuple[str, ...], unix_paths: tuple[str, ...], export_name: str,
-          description: str, readonly: bool, oldstyle: bool, force: bool, verbose: int,
+          description: str, readonly: bool, oldstyle: bool, force: bool, manage: str,
+          manage_token: str | None, manage_timeout: float, verbose: int,
           quiet: bool, **layer_flags: tuple[str, ...]) -> None:
     """Serve a layered device over NBD.
 
@@ -124,8 +137,10 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
     With no layer flags, serves a writable 1 GiB device backed by a change
     file in the data directory ($XDG_DATA_HOME/lbd), to try LBD at once.
 
-    Stop it with Ctrl-C or SIGTERM: it stops accepting, finishes the
-    requests in flight, flushes and exits 0.
+    Stop it with Ctrl-C, SIGTERM or `lbd ctl shutdown`: it stops accepting,
+    finishes the requests in flight, flushes and exits 0.  The management
+    daemon (`lbd ctl`, on 127.0.0.1:6666 unless -a says otherwise) also shows
+    the stack and adds layers while clients run.
     """
     _setup_logging(verbose, quiet)
     specs = _layer_specs(ctx, layer_flags)
@@ -152,11 +167,15 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
         tcp = [parse_address(a, "-l", None) for a in listen]
         if not tcp and not unix_paths:
             tcp = [(None, DEFAULT_NBD_PORT)]
+        manage_addr = None if manage.strip().lower() in ("none", "off") else \
+            parse_address(manage, "-a", DEFAULT_MANAGE_HOST)
         from lbd.serve import ServeOptions, run
 
         opts = ServeOptions(size=size, specs=specs, tcp=tcp, unix=list(unix_paths),
                             export_name=export_name, description=description,
-                            readonly=readonly, oldstyle=oldstyle, force=force)
+                            readonly=readonly, oldstyle=oldstyle, force=force,
+                            manage=manage_addr, manage_token=manage_token,
+                            manage_timeout=manage_timeout)
         code = run(opts)
     except LBDError as exc:
         _die(exc)
@@ -166,3 +185,8 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
 def _die(exc: LBDError) -> None:
     click.echo(f"lbd: error: {exc}", err=True)
     sys.exit(getattr(exc, "exit_code", 1))
+
+
+from lbd.ctl import ctl  # noqa: E402  (the ctl group is its own module)
+
+main.add_command(ctl)

@@ -18,6 +18,7 @@ import trio
 from lbd.config import LayerSpec, build_device, format_address
 from lbd.device import Device
 from lbd.errors import ConfigError
+from lbd.frontends.manage import Manager, read_token_file
 from lbd.frontends.nbd import NBDServer
 
 log = logging.getLogger("lbd")
@@ -34,18 +35,25 @@ class ServeOptions:
     readonly: bool = False
     oldstyle: bool = False
     force: bool = False
+    manage: tuple[str | None, int] | None = None  # management daemon address; None: off
+    manage_token: str | None = None  # a file holding the management daemon's secret
+    manage_timeout: float = 60.0  # seconds a management client may take per request
 
 
 class Service:
     """A running device and its frontends: what the manager talks to."""
 
-    def __init__(self, opts: ServeOptions, device: Device) -> None:
+    def __init__(self, opts: ServeOptions, device: Device, *, token: str | None = None
+                 ) -> None:
         self.opts = opts
         self.device = device
         self.nbd = NBDServer(device, export_name=opts.export_name,
                              description=opts.description, readonly=opts.readonly,
                              oldstyle=opts.oldstyle)
         self.stop_requested = trio.Event()
+        self.manager: Manager | None = None
+        if opts.manage is not None:
+            self.manager = Manager(self, token=token, idle_timeout=opts.manage_timeout)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -66,6 +74,14 @@ class Service:
                 log.info("listening on unix socket %s", path)
             for uri in self.nbd.addresses:
                 log.info("export %s", uri)
+            if self.manager is not None and self.opts.manage is not None:
+                host, port = self.opts.manage
+                try:
+                    await nursery.start(self.manager.serve_tcp, host, port)
+                except OSError as exc:
+                    raise ConfigError(f"cannot listen for management on "
+                                      f"{format_address(host, port)}: "
+                                      f"{exc.strerror or exc}") from None
             task_status.started()
             nursery.start_soon(self._signals)
             await self.stop_requested.wait()
@@ -100,10 +116,13 @@ def _first_config_error(group: BaseExceptionGroup) -> ConfigError | None:
 
 
 def run(opts: ServeOptions) -> int:
+    token = None
+    if opts.manage is not None and opts.manage_token:
+        token = read_token_file(opts.manage_token)  # before any file is opened
     device = build_device(opts.size, opts.specs, force=opts.force)
     log.info("device of %d bytes (%d blocks), layers top first:\n%s", opts.size,
              opts.size // 512, describe_stack(device))
-    service = Service(opts, device)
+    service = Service(opts, device, token=token)
     try:
         trio.run(service.run)
     except BaseExceptionGroup as group:

@@ -48,15 +48,25 @@ def run(cmd: list[str], *, check: bool = True, timeout: float = 120,
     return p
 
 
+MANAGE_READY = "management daemon listening at "
+
+
 class LBD:
     """A ``lbd serve`` subprocess on a private Unix socket (and optionally TCP)."""
 
     def __init__(self, args: list[str], *, cwd: Path, tcp: bool = False,
-                 export: str = "", extra_env: dict[str, str] | None = None) -> None:
+                 export: str = "", extra_env: dict[str, str] | None = None,
+                 manage: bool = False) -> None:
         self.sockdir = tempfile.mkdtemp(prefix="lbdt-")  # short path: sun_path is small
         self.sock = os.path.join(self.sockdir, "nbd.sock")
         self.export = export
+        self.manage_port: int | None = None
         cmd = [lbd_exe(), "serve", *args, "--unix", self.sock, "-v"]
+        # The management daemon: on a free loopback port with manage=True (its
+        # port is then manage_port), else off, since tests run many servers
+        # at once; args that pass -a themselves decide alone.
+        if "-a" not in args and "--manage" not in args:
+            cmd += ["-a", "127.0.0.1:0" if manage else "none"]
         if export:
             cmd += ["-x", export]
         if tcp:
@@ -67,18 +77,22 @@ class LBD:
         self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env)
         self.port: int | None = None
-        self._wait_ready(tcp)
+        self._wait_ready(tcp, manage)
 
-    def _wait_ready(self, tcp: bool) -> None:
+    def _wait_ready(self, tcp: bool, manage: bool = False) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"lbd serve exited {self.proc.returncode}:\n{self.log()}")
             text = self.log()
-            if os.path.exists(self.sock) and (not tcp or "listening on 127.0.0.1:" in text):
+            if os.path.exists(self.sock) and (not tcp or "listening on 127.0.0.1:" in text) \
+                    and (not manage or MANAGE_READY in text):
                 if tcp:
                     line = next(x for x in text.splitlines() if "listening on 127.0.0.1:" in x)
                     self.port = int(line.rsplit(":", 1)[1])
+                if manage:
+                    line = next(x for x in text.splitlines() if MANAGE_READY in x)
+                    self.manage_port = int(line.rsplit(":", 1)[1])
                 return
             time.sleep(0.02)
         self.proc.kill()
@@ -91,6 +105,20 @@ class LBD:
     @property
     def tcp_uri(self) -> str:
         return f"nbd://127.0.0.1:{self.port}/{self.export}"
+
+    @property
+    def manage_address(self) -> str:
+        assert self.manage_port is not None, "started without manage=True"
+        return f"127.0.0.1:{self.manage_port}"
+
+    def wait(self, timeout: float = 60) -> int:
+        """Wait for the server to exit by itself (e.g. after SHUTDOWN); its exit code."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"lbd serve did not exit within {timeout} s:\n{self.log()}") \
+                from None
+        return self.stop()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -115,7 +143,7 @@ class LBD:
 
 @pytest.fixture
 def lbd_server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """Factory: ``lbd_server(args, tcp=False, export="")`` -> a running LBD.
+    """Factory: ``lbd_server(args, tcp=False, export="", manage=False)`` -> a running LBD.
 
     Every server still running at the end of the test is stopped with
     SIGTERM and must exit 0.

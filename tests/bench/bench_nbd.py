@@ -196,7 +196,7 @@ class LBD(ServerKind):
         change = ctx.workdir / f"lbd-{tag}.lbd"
         remove(change)
         argv = [ctx.lbd, "serve", "-s", str(ctx.size), "-f", str(ctx.base), "-E", str(change),
-                "--unix", str(sock), *ctx.lbd_args]
+                "--unix", str(sock), "-a", "none", *ctx.lbd_args]
         return Launch(argv, ready_text="listening on", scratch=[change])
 
 

@@ -82,7 +82,7 @@ def lbd_command(lbd: str, *, socket: Path, size: str | None, layers: Sequence[tu
         if flag not in ("-f", "-F", "-e", "-E"):
             raise ValueError(f"unknown layer flag {flag!r}")
         cmd += [flag, str(path)]
-    cmd += ["--unix", str(socket), "-x", export]
+    cmd += ["--unix", str(socket), "-x", export, "-a", "none"]  # no management daemon
     if readonly:
         cmd.append("--readonly")
     return cmd
