@@ -1,0 +1,317 @@
+"""Data written by real clients survives the server: clean stops and kill -9.
+
+Clean stop: SIGTERM must end ``lbd serve`` with exit 0, and the same stack
+served again shows every write; the base image is never modified (sha256),
+served alone it shows the old contents, and the change file alone carries
+the writes.
+
+Crash: a client logs each write the server acknowledged; the server is
+killed with SIGKILL at a random moment, restarted on the same files, and
+every acknowledged write must read back (the write in flight may have landed
+or not, but sector by sector it is the old or the new data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from support import TOOL_PATH, nbdsh, random_file, require, run
+
+KiB = 1 << 10
+MiB = 1 << 20
+SIZE = 16 * MiB
+SLOT = 64 * KiB  # crash tests write each slot at most once
+SECTOR = 512
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def dump(uri: str, path: Path) -> bytes:
+    nbdsh(uri, f"open({str(path)!r}, 'wb').write(h.pread({SIZE}, 0))")
+    return path.read_bytes()
+
+
+def assert_same(got: bytes, want: bytes | bytearray, what: str = "device") -> None:
+    assert len(got) == len(want)
+    if got != want:
+        first = next(i for i in range(len(got)) if got[i] != want[i])
+        raise AssertionError(f"{what} differs from the model first at byte {first} "
+                             f"(sector {first // SECTOR})")
+
+
+def clean_stop(srv: Any) -> None:
+    assert srv.stop() == 0, srv.log()
+    assert "stopped cleanly" in srv.log(), srv.log()
+
+
+def client_writes(uri: str, model: bytearray, tmp_path: Path) -> None:
+    """Aligned and unaligned writes, a zero and a trim, mirrored in ``model``."""
+    rng = random.Random(41)
+    ops = []
+    for off, n in ((0, 4096), (100, 1000), (1 * MiB, 256 * KiB), (5 * MiB + 3, 70000),
+                   (SIZE - 4096, 4096), (12 * MiB + 511, 2)):
+        data = rng.randbytes(n)
+        model[off:off + n] = data
+        ops.append((off, data.hex()))
+    f = tmp_path / "writes.json"
+    f.write_text(json.dumps(ops))
+    model[2 * MiB:3 * MiB] = bytes(1 * MiB)
+    model[8 * MiB:8 * MiB + 64 * KiB] = bytes(64 * KiB)
+    nbdsh(uri, f"""
+import json
+for off, hx in json.load(open({str(f)!r})):
+    h.pwrite(bytes.fromhex(hx), off)
+h.zero({1 * MiB}, {2 * MiB})
+h.trim({64 * KiB}, {8 * MiB})
+""")
+
+
+# -- clean stop and restart ------------------------------------------------------------------
+
+
+def test_restart_keeps_writes(lbd_server, tmp_path: Path) -> None:
+    base = random_file(tmp_path / "base.img", SIZE, seed=40)
+    chg = tmp_path / "c.lbd"
+    model = bytearray(base.read_bytes())
+    before = sha256(base)
+    srv = lbd_server(["-s", "16M", "-f", str(base), "-E", str(chg)])
+    client_writes(srv.uri, model, tmp_path)
+    clean_stop(srv)
+    for i in range(2):  # twice: the second open reads what the first close wrote
+        srv = lbd_server(["-s", "16M", "-f", str(base), "-E", str(chg)])
+        assert_same(dump(srv.uri, tmp_path / f"dump{i}"), model)
+        clean_stop(srv)
+    assert sha256(base) == before
+
+
+def test_restart_base_alone_then_stack(lbd_server, tmp_path: Path) -> None:
+    base = random_file(tmp_path / "base.img", SIZE, seed=42)
+    original = base.read_bytes()
+    before = sha256(base)
+    chg = tmp_path / "c.lbd"
+    model = bytearray(original)
+    srv = lbd_server(["-s", "16M", "-f", str(base), "-E", str(chg)])
+    client_writes(srv.uri, model, tmp_path)
+    clean_stop(srv)
+    assert sha256(base) == before
+    # the base alone: its old contents, read-only
+    srv = lbd_server(["-s", "16M", "-f", str(base)])
+    assert_same(dump(srv.uri, tmp_path / "base-dump"), original, "base served alone")
+    clean_stop(srv)
+    assert sha256(base) == before
+    # the change file read-only over the base: the writes are all there
+    srv = lbd_server(["-s", "16M", "-f", str(base), "-e", str(chg)])
+    assert_same(dump(srv.uri, tmp_path / "ro-dump"), model, "stack with -e")
+    clean_stop(srv)
+    # and writable again
+    srv = lbd_server(["-s", "16M", "-f", str(base), "-E", str(chg)])
+    assert_same(dump(srv.uri, tmp_path / "rw-dump"), model, "stack with -E")
+    clean_stop(srv)
+    assert sha256(base) == before
+
+
+def test_restart_change_file_without_base(lbd_server, tmp_path: Path) -> None:
+    chg = tmp_path / "c.lbd"
+    model = bytearray(SIZE)
+    srv = lbd_server(["-s", "16M", "-E", str(chg)])
+    client_writes(srv.uri, model, tmp_path)
+    clean_stop(srv)
+    srv = lbd_server(["-s", "16M", "-E", str(chg)])
+    assert_same(dump(srv.uri, tmp_path / "dump"), model)
+
+
+def test_restart_writable_flat(lbd_server, tmp_path: Path) -> None:
+    base = random_file(tmp_path / "base.img", SIZE, seed=43)
+    model = bytearray(base.read_bytes())
+    srv = lbd_server(["-s", "16M", "-F", str(base)])
+    client_writes(srv.uri, model, tmp_path)
+    clean_stop(srv)
+    assert_same(base.read_bytes(), model, "flat image file")
+    srv = lbd_server(["-s", "16M", "-f", str(base)])
+    assert_same(dump(srv.uri, tmp_path / "dump"), model)
+
+
+# -- kill -9 ------------------------------------------------------------------------------------
+
+# The client: writes unique patterns into distinct slots and prints one line
+# per acknowledged write.  Synchronous (one in flight) or aio (many in flight).
+CRASH_CLIENT = """
+import json, random, sys
+rng = random.Random({seed})
+slots = {slots!r}
+depth = {depth}
+def pattern(i, n):
+    head = ('%08d:' % i).encode()
+    return (head * (n // len(head) + 1))[:n]
+def plan(i, slot):
+    n = rng.choice([512, 4096, 4096, 8192, 65536, 1000, 33333])
+    if n % 512:
+        off = slot * {slot} + rng.randrange(0, {slot} - n)
+    else:
+        off = slot * {slot} + rng.randrange(0, ({slot} - n) // 512 + 1) * 512
+    return off, n
+todo = [(i + {first}, plan(i + {first}, s)) for i, s in enumerate(slots)]
+print('START', flush=True)
+if depth == 1:
+    for i, (off, n) in todo:
+        print('SEND', i, off, n, flush=True)
+        h.pwrite(pattern(i, n), off)
+        print('ACK', i, off, n, flush=True)
+else:
+    pending = list(todo)
+    def acked(i, off, n):
+        def cb(err):
+            if not err.value:
+                print('ACK', i, off, n, flush=True)
+            return 1
+        return cb
+    while pending or h.aio_in_flight():
+        while pending and h.aio_in_flight() < depth:
+            i, (off, n) = pending.pop(0)
+            print('SEND', i, off, n, flush=True)
+            h.aio_pwrite(pattern(i, n), off, acked(i, off, n))
+        h.poll(-1)
+print('DONE', flush=True)
+"""
+
+
+def pattern(i: int, n: int) -> bytes:
+    head = (b"%08d:" % i)
+    return (head * (n // len(head) + 1))[:n]
+
+
+def crash_round(srv: Any, slots: list[int], first: int, depth: int, seed: int,
+                kill_after: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """Run the client, SIGKILL the server after ``kill_after`` acks.
+
+    Returns (acknowledged writes, writes sent but not acknowledged).
+    """
+    require("nbdsh")
+    script = CRASH_CLIENT.format(seed=seed, slots=slots, depth=depth, slot=SLOT, first=first)
+    env = {**os.environ, "PATH": TOOL_PATH}
+    with open(srv.log_path.with_suffix(".client-err"), "w+") as err_file:
+        client = subprocess.Popen(["nbdsh", "-u", srv.uri, "-c", script],
+                                  stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
+        assert client.stdout is not None
+        lines: list[str] = []
+        acks = 0
+        deadline = time.monotonic() + 60
+        killed = False
+        for line in client.stdout:
+            lines.append(line)
+            if line.startswith("ACK"):
+                acks += 1
+                if acks >= kill_after:
+                    srv.proc.send_signal(signal.SIGKILL)
+                    killed = True
+                    break
+            assert time.monotonic() < deadline, "client too slow"
+        # everything the client printed up to its end (it fails once the server is gone);
+        # read through the same buffered stream, which may hold lines already
+        lines += client.stdout.readlines()
+        client.wait(60)
+        err_file.seek(0)
+        err = err_file.read()
+    srv.proc.wait(10)
+    srv.stop()
+    assert killed, f"the client finished before {kill_after} acks:\n{''.join(lines[-5:])}{err}"
+    assert srv.proc.returncode == -signal.SIGKILL
+    sent, acked = {}, {}
+    for line in lines:
+        parts = line.split()
+        if parts and parts[0] in ("SEND", "ACK"):
+            rec = (int(parts[1]), int(parts[2]), int(parts[3]))
+            (sent if parts[0] == "SEND" else acked)[rec[0]] = rec
+    return list(acked.values()), [v for k, v in sent.items() if k not in acked]
+
+
+def check_crash_state(data: bytes, base: bytes, acked: list[tuple[int, int, int]],
+                      unsure: list[tuple[int, int, int]]) -> None:
+    for i, off, n in acked:
+        assert data[off:off + n] == pattern(i, n), f"acknowledged write #{i} at {off}+{n} lost"
+    for i, off, n in unsure:
+        new = bytearray(base[off & ~511:(off + n + 511) & ~511])
+        new[off - (off & ~511):off - (off & ~511) + n] = pattern(i, n)
+        for s in range(off & ~511, (off + n + 511) & ~511, SECTOR):
+            got = data[s:s + SECTOR]
+            rel = s - (off & ~511)
+            assert got in (base[s:s + SECTOR], bytes(new[rel:rel + SECTOR])), \
+                f"write #{i} in flight at the crash left sector {s // SECTOR} neither old nor new"
+
+
+def crash_test(lbd_server, tmp_path: Path, depth: int, seed: int) -> None:  # type: ignore[no-untyped-def]
+    base = random_file(tmp_path / "base.img", SIZE, seed=seed)
+    before = sha256(base)
+    chg = tmp_path / "c.lbd"
+    args = ["-s", "16M", "-f", str(base), "-E", str(chg)]
+    # the expected contents: base, then every acknowledged write
+    expect = bytearray(base.read_bytes())
+    rng = random.Random(seed)
+    free = list(range(SIZE // SLOT))
+    rng.shuffle(free)
+    all_acked: list[tuple[int, int, int]] = []
+    unsure: list[tuple[int, int, int]] = []
+    first = 0
+    for round_ in range(3):
+        srv = lbd_server(args)
+        slots, free = free[:60], free[60:]
+        acked, in_flight = crash_round(srv, slots, first, depth, seed * 10 + round_,
+                                       kill_after=rng.randrange(5, 50))
+        first += len(slots)
+        assert acked, "nothing was acknowledged before the kill"
+        all_acked += acked
+        unsure += in_flight
+        for i, off, n in acked:
+            expect[off:off + n] = pattern(i, n)
+        srv = lbd_server(args)
+        data = dump(srv.uri, tmp_path / f"dump{round_}")
+        check_crash_state(data, bytes(expect), all_acked, unsure)
+        # the in-flight writes settle one way or the other: take what is there
+        for _, off, n in unsure:
+            lo, hi = off & ~511, (off + n + 511) & ~511
+            expect[lo:hi] = data[lo:hi]
+        unsure = []
+        assert srv.stop() == 0
+    # finally a clean restart: everything still there, base untouched
+    srv = lbd_server(args)
+    assert_same(dump(srv.uri, tmp_path / "final"), expect)
+    assert sha256(base) == before
+
+
+def test_kill9_acknowledged_writes_survive_sync_client(lbd_server, tmp_path: Path) -> None:
+    crash_test(lbd_server, tmp_path, depth=1, seed=50)
+
+
+def test_kill9_acknowledged_writes_survive_aio_client(lbd_server, tmp_path: Path) -> None:
+    crash_test(lbd_server, tmp_path, depth=16, seed=51)
+
+
+def test_kill9_then_writes_continue(lbd_server, tmp_path: Path) -> None:
+    """After a crash and a restart, new writes append after the recovered
+    journal and everything survives another kill -9."""
+    chg = tmp_path / "c.lbd"
+    args = ["-s", "16M", "-E", str(chg)]
+    srv = lbd_server(args)
+    nbdsh(srv.uri, f"h.pwrite(b'A' * {1 * MiB}, 0)")
+    srv.kill9()
+    srv = lbd_server(args)
+    nbdsh(srv.uri, f"assert h.pread({1 * MiB}, 0) == b'A' * {1 * MiB}\n"
+                   f"h.pwrite(b'B' * {1 * MiB}, {512 * KiB})\nh.pwrite(b'C' * 4096, {8 * MiB})")
+    srv.kill9()
+    srv = lbd_server(args)
+    want = bytearray(SIZE)
+    want[0:1 * MiB] = b"A" * MiB
+    want[512 * KiB:1536 * KiB] = b"B" * MiB
+    want[8 * MiB:8 * MiB + 4096] = b"C" * 4096
+    assert_same(dump(srv.uri, tmp_path / "dump"), want)
+    run(["nbdinfo", srv.uri])  # still a healthy server
