@@ -49,6 +49,7 @@ E_ZERO = 2
 E_INDEX = 3
 E_NEXT = 4
 ENTRY_MAGIC = 0x4C45  # "EL" little-endian
+F_IN_PLACE = 1  # DATA entry whose payload rewrote an earlier unsynced payload in place
 
 _HEADER = struct.Struct("<8sIIQQ16s16sII64sQQQQQ")
 _ENTRY = struct.Struct("<HBBIQQQQQII4x")  # 60 bytes, then the entry's CRC-32C
@@ -156,7 +157,7 @@ class ChangeFile:
         self.io = io
         self.header = header
         self.map = ExtentMap()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self._seed = crc32c(header.uuid)
         self.seq = 0  # last entry written
         self.durable_seq = 0  # entries up to here are known to be on stable storage
@@ -164,6 +165,9 @@ class ChangeFile:
         self.slot = 0  # next free slot in it
         self.end = HEADER_SIZE  # where the next payload or area goes
         self.reserved = 0  # the file's size: room up to here needs no extension
+        # payloads (location -> bytes) written since the last sync started:
+        # only these may be rewritten in place
+        self._unsynced: dict[int, int] = {}
         self.data_bytes = 0
         self.entries = 0
         self.dropped_tail = 0  # entries dropped as torn when opened
@@ -246,19 +250,7 @@ class ChangeFile:
             max_durable = max(max_durable, e.durable)
             slot += 1
             seq += 1
-        # Pass 2: entries that no later entry vouches for as synced may be
-        # torn; check their payloads and cut the journal at the first bad one.
-        good = len(entries)
-        for i, (_, _, e) in enumerate(entries):
-            if e.seq <= max_durable and not verify:
-                continue
-            if e.type in (E_DATA, E_INDEX) and not self._payload_ok(e, fsize):
-                if e.seq <= max_durable:
-                    raise CorruptionError(
-                        f"{self.io.path}: journal entry {e.seq} was synced but its data "
-                        "fails its checksum")
-                good = i
-                break
+        good, max_durable = self._cut_torn_tail([e for _, _, e in entries], fsize, verify)
         for _, _, e in entries[:good]:
             self._apply(e)
         if good < len(entries):
@@ -279,6 +271,52 @@ class ChangeFile:
                 used.append(e.c + e.b)
         self.end = _align(max(used), DATA_ALIGN)
         self.reserved = fsize
+
+    def _cut_torn_tail(self, entries: list[Entry], fsize: int, verify: bool) -> tuple[int, int]:
+        """How many entries survive, and the durable mark among them.
+
+        Entries that no surviving entry vouches for as synced may be torn:
+        their payload CRCs are checked and the journal is cut at the first
+        bad one.  A payload rewritten in place by a later surviving entry
+        (same location and length, see :meth:`write_batch`) is not checked:
+        its CRC is the later entry's.  Cutting can un-vouch or un-supersede
+        earlier entries, so this repeats until nothing changes.
+        """
+        n = len(entries)
+        next_same: list[int | None] = [None] * n
+        last: dict[tuple[int, int], int] = {}
+        for i in range(n - 1, -1, -1):
+            e = entries[i]
+            if e.type == E_DATA:
+                next_same[i] = last.get((e.c, e.b))
+                last[(e.c, e.b)] = i
+        prefix_durable = [0] * (n + 1)
+        for i, e in enumerate(entries):
+            prefix_durable[i + 1] = max(prefix_durable[i], e.durable)
+        checked: dict[int, bool] = {}
+        cut = n
+        while True:
+            durable = prefix_durable[cut]
+            bad = None
+            for i in range(cut):
+                e = entries[i]
+                if e.type not in (E_DATA, E_INDEX) or (e.seq <= durable and not verify):
+                    continue
+                j = next_same[i]
+                if j is not None and j < cut:
+                    continue
+                if i not in checked:
+                    checked[i] = self._payload_ok(e, fsize)
+                if not checked[i]:
+                    if e.seq <= durable:
+                        raise CorruptionError(
+                            f"{self.io.path}: journal entry {e.seq} was synced but its data "
+                            "fails its checksum")
+                    bad = i
+                    break
+            if bad is None:
+                return cut, durable
+            cut = bad
 
     def _decode_entry(self, area_bytes: bytes, slot: int) -> Entry | None:
         off = slot * ENTRY_SIZE
@@ -304,7 +342,8 @@ class ChangeFile:
         self.entries += 1
         if e.type == E_DATA:
             self.map.set(e.a, e.b, e.c)
-            self.data_bytes += e.b * SECTOR
+            if not e.flags & F_IN_PLACE:
+                self.data_bytes += e.b * SECTOR
         elif e.type == E_ZERO:
             self.map.set(e.a, e.b, ZERO)
         # E_INDEX: a snapshot of the state already built; nothing to apply
@@ -342,8 +381,9 @@ class ChangeFile:
 
     # -- writing ---------------------------------------------------------------
 
-    def _entry(self, seq: int, etype: int, a: int, b: int, c: int, crc: int) -> bytes:
-        raw = _ENTRY.pack(ENTRY_MAGIC, etype, 0, 0, seq, a, b, c, self.durable_seq, crc, 0)
+    def _entry(self, seq: int, etype: int, a: int, b: int, c: int, crc: int,
+               flags: int = 0) -> bytes:
+        raw = _ENTRY.pack(ENTRY_MAGIC, etype, flags, 0, seq, a, b, c, self.durable_seq, crc, 0)
         return raw + _U32.pack(crc32c(raw, self._seed))
 
     def _slot_pos(self) -> int:
@@ -381,46 +421,69 @@ class ChangeFile:
         self.write_batch([(sector, buffers, nbytes)])
 
     def write_batch(self, items: Sequence[tuple[int, Sequence[Buffer], int]]) -> None:
-        """Append several writes with one data write and one journal write.
+        """Apply several writes with one data write and one journal write.
 
-        Payloads go back to back at the end of the file and their entries
-        into consecutive slots, in order, so a later item wins where items
-        overlap.  All or nothing: on an error no entry is recorded.
+        Payloads are appended back to back at the end of the file and their
+        entries go into consecutive slots, in order, so a later item wins
+        where items overlap.  One exception keeps the file from growing under
+        rewrites of the same blocks: when a write covers exactly the payload
+        of an entry that no sync has covered yet (no sync has even started
+        since it was written), that payload is rewritten in place and a new
+        entry (flag IN_PLACE) carries the new CRC.  Its entry is written
+        before its data, so whatever the moment of a crash, the older entry
+        or the newer one checks out (docs/format.md).
         """
         with self.lock:
             end = self.end
-            placed = []
+            placed = []  # (sector, count, loc, crc, in_place)
             iov: list[Buffer] = []
+            rewrites: list[tuple[Sequence[Buffer], int]] = []
+            unsynced = self._unsynced
             for sector, buffers, nbytes in items:
-                loc = end if nbytes % DATA_ALIGN else _align(end, DATA_ALIGN)
-                if loc != end:
-                    iov.append(_ZEROS[:loc - end])
                 crc = 0
                 for b in buffers:
                     crc = crc32c(b, crc)
+                count = nbytes // SECTOR
+                if unsynced:
+                    runs = self.map.lookup(sector, count)
+                    loc = runs[0][2]
+                    if (len(runs) == 1 and loc is not None and loc >= 0
+                            and unsynced.get(loc) == nbytes):
+                        placed.append((sector, count, loc, crc, True))
+                        rewrites.append((buffers, loc))
+                        continue
+                loc = end if nbytes % DATA_ALIGN else _align(end, DATA_ALIGN)
+                if loc != end:
+                    iov.append(_ZEROS[:loc - end])
                 iov.extend(buffers)
-                placed.append((sector, nbytes // SECTOR, loc, crc))
+                placed.append((sector, count, loc, crc, False))
                 end = loc + nbytes
-            self._room(end)
-            self.io.pwritev(iov, self.end)
-            self.end = end
+            if iov:
+                self._room(end)
+                self.io.pwritev(iov, self.end)
+                self.end = end
             # entries: consecutive slots of the current area, then the next area
             i = 0
             while i < len(placed):
                 pos = self._slot_pos()
-                room = AREA_SLOTS - 1 - self.slot
-                chunk = placed[i:i + room]
+                chunk = placed[i:i + AREA_SLOTS - 1 - self.slot]
                 seq = self.seq
-                raw = b"".join(self._entry(seq + k + 1, E_DATA, sector, count, loc, crc)
-                               for k, (sector, count, loc, crc) in enumerate(chunk))
+                raw = b"".join(
+                    self._entry(seq + k + 1, E_DATA, sector, count, loc, crc,
+                                F_IN_PLACE if in_place else 0)
+                    for k, (sector, count, loc, crc, in_place) in enumerate(chunk))
                 self.io.pwrite(raw, pos)
                 self.seq += len(chunk)
                 self.slot += len(chunk)
                 self.entries += len(chunk)
-                for sector, count, loc, _crc in chunk:
-                    self.map.set(sector, count, loc)
-                    self.data_bytes += count * SECTOR
                 i += len(chunk)
+            for buffers, loc in rewrites:
+                self.io.pwritev(buffers, loc)
+            for sector, count, loc, _crc, in_place in placed:
+                self.map.set(sector, count, loc)
+                unsynced[loc] = count * SECTOR
+                if not in_place:
+                    self.data_bytes += count * SECTOR
 
     def zero(self, sector: int, count: int) -> None:
         """Record ``count`` sectors as zero (TRIM / WRITE_ZEROES)."""
@@ -430,7 +493,9 @@ class ChangeFile:
 
     def sync(self) -> None:
         """Make every entry written so far durable."""
-        upto = self.seq
+        with self.lock:
+            upto = self.seq
+            self._unsynced.clear()  # from now on their payloads may reach the disk
         self.io.fdatasync()
         if upto > self.durable_seq:
             self.durable_seq = upto

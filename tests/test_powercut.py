@@ -57,6 +57,8 @@ def run_workload(path: str, seed: int, n_ops: int) -> list[tuple[int, int, int, 
         r = rng.random()
         sector = rng.randrange(0, SECTORS - 64)
         count = rng.choice([1, 1, 2, 8, 8, 16, 33])
+        if rng.random() < 0.5:  # hot spots: rewrites of the same extents (in place)
+            sector, count = rng.randrange(8) * 64, 8
         if r < 0.75:
             data = bytes([i % 251 + 1]) * (count * SECTOR)
             cf.write(sector, [data], len(data))
