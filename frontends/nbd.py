@@ -83,7 +83,7 @@ class NBDServer:
         self.addresses: list[str] = []  # URIs we listen on
         self.connections: dict[int, Connection] = {}
         self._stopping = False
-        self._listen_scope = trio.CancelScope()
+        self._listen_scopes: list[trio.CancelScope] = []  # one per serve_tcp/serve_unix
         self._idle = trio.Event()
         self._idle.set()
 
@@ -141,13 +141,18 @@ class NBDServer:
                 os.unlink(path)
 
     async def _accept_all(self, socks: list[trio.socket.SocketType]) -> None:
+        scope = trio.CancelScope()  # a scope can be entered once: one per listener set
+        if self._stopping:
+            scope.cancel()
+        self._listen_scopes.append(scope)
         try:
             async with trio.open_nursery() as nursery:
-                with self._listen_scope:
+                with scope:
                     async with trio.open_nursery() as accept_nursery:
                         for s in socks:
                             accept_nursery.start_soon(self._accept_loop, s, nursery)
         finally:
+            self._listen_scopes.remove(scope)
             for s in socks:
                 s.close()
 
@@ -189,7 +194,8 @@ class NBDServer:
     async def shutdown(self) -> None:
         """Stop accepting, finish the requests in flight, close every connection."""
         self._stopping = True
-        self._listen_scope.cancel()
+        for scope in self._listen_scopes:
+            scope.cancel()
         for conn in list(self.connections.values()):
             conn.stop()
         await self._idle.wait()
