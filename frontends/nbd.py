@@ -327,7 +327,9 @@ class Connection:
 
     async def run(self) -> None:
         srv = self.server
-        hs = P.ServerHandshake(srv._lookup, srv._list, oldstyle=srv.oldstyle)
+        # oldstyle has no export names: its client gets the one export, whatever its name
+        lookup = (lambda _name: srv.export()) if srv.oldstyle else srv._lookup
+        hs = P.ServerHandshake(lookup, srv._list, oldstyle=srv.oldstyle)
         with trio.move_on_after(HANDSHAKE_TIMEOUT) as timeout:
             await self._send_all(hs.start())
             buf = bytearray(64 * 1024)
