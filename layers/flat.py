@@ -60,6 +60,8 @@ class FlatLayer(Layer):
             raise ConfigError(f"flat image {path}: permission denied (opening for {mode})") \
                 from None
         try:
+            if stat.S_ISDIR(os.fstat(self.io.fd).st_mode):  # O_RDONLY opens a directory
+                raise ConfigError(f"flat image {path}: is a directory")
             actual = image_size(self.io)
             if actual != size:
                 raise ConfigError(
