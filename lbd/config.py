@@ -85,7 +85,9 @@ def open_layer(spec: LayerSpec, size: int, below: Layer | None, force: bool) -> 
         return FlatLayer(spec.param, size, spec.writable)
     if spec.kind == "expandable":
         ident = below.identity() if below is not None else Identity()
-        return ExpandableLayer(spec.param, size, spec.writable, ident, force=force)
+        # only a writable change file (-E) is created when missing; -e opens an existing one
+        return ExpandableLayer(spec.param, size, spec.writable, ident, force=force,
+                               create=spec.writable)
     raise ConfigError(f"unknown layer kind {spec.kind}")
 
 
