@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from support import TOOL_PATH, nbdsh, random_file, require, run
+from support import TOOL_PATH, lbd_exe, nbdsh, random_file, require, run
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -315,3 +315,33 @@ def test_kill9_then_writes_continue(lbd_server, tmp_path: Path) -> None:
     want[8 * MiB:8 * MiB + 4096] = b"C" * 4096
     assert_same(dump(srv.uri, tmp_path / "dump"), want)
     run(["nbdinfo", srv.uri])  # still a healthy server
+
+
+def test_sigterm_right_after_start_exits_0(tmp_path: Path) -> None:
+    """SIGTERM the moment the server is reachable: still a clean stop, exit 0.
+
+    A signal that arrives before the handler is installed kills the process
+    outright: no flush, no close, no index written, a stale socket left.
+    """
+    import tempfile
+
+    codes = []
+    for i in range(10):
+        sockdir = tempfile.mkdtemp(prefix="lbdt-")
+        sock = os.path.join(sockdir, "s.sock")
+        log = open(tmp_path / f"serve{i}.log", "wb")
+        proc = subprocess.Popen([lbd_exe(), "serve", "-s", "16M", "-E", str(tmp_path / "c.lbd"),
+                                 "--unix", sock, "-a", "127.0.0.1:0"],
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PATH": TOOL_PATH})
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock) and proc.poll() is None:
+            assert time.monotonic() < deadline, "lbd serve did not start"
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGTERM)
+        codes.append(proc.wait(30))
+        log.close()
+        if os.path.exists(sock):
+            os.unlink(sock)
+        os.rmdir(sockdir)
+    assert codes == [0] * 10, f"exit codes {codes}; -15 = killed by the signal itself"
