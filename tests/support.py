@@ -166,6 +166,65 @@ def lbd_server(tmp_path: Path):  # type: ignore[no-untyped-def]
         pytest.fail("\n".join(bad), pytrace=False)
 
 
+class MgmtConn:
+    """A raw connection to a management daemon: send bytes, read parsed replies."""
+
+    def __init__(self, address: str, timeout: float = 30) -> None:
+        import socket
+
+        from lbd import mgmtproto
+
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        self.parser = mgmtproto.ReplyParser()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self):  # type: ignore[no-untyped-def]
+        """The next reply (a mgmtproto.Reply); AssertionError at EOF."""
+        while True:
+            rep = self.parser.next_reply()
+            if rep is not None:
+                return rep
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise AssertionError("the management daemon closed the connection")
+            self.parser.feed(chunk)
+
+    def request(self, command: str, arg: str | None = None, token: str | None = None):  # type: ignore[no-untyped-def]
+        from lbd import mgmtproto
+
+        self.send(mgmtproto.encode_request(command, arg, token))
+        return self.reply()
+
+    def at_eof(self) -> bool:
+        """True if the daemon closed the connection (after any pending data)."""
+        try:
+            while True:
+                chunk = self.sock.recv(1 << 20)
+                if not chunk:
+                    return True
+                self.parser.feed(chunk)
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> MgmtConn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def mgmt(server: LBD, command: str, arg: str | None = None, token: str | None = None):  # type: ignore[no-untyped-def]
+    """One request on a fresh connection to ``server``'s management daemon; its reply."""
+    with MgmtConn(server.manage_address) as c:
+        return c.request(command, arg, token)
+
+
 def make_file(path: Path, size: int, pattern: bytes | None = None) -> Path:
     """A file of ``size`` bytes: sparse zeros, or a repeated pattern."""
     with open(path, "wb") as f:
@@ -200,5 +259,5 @@ def nbdsh(uri: str, script: str) -> str:
     return run(["nbdsh", "-u", uri, "-c", script]).stdout
 
 
-__all__ = ["LBD", "TOOL_PATH", "lbd_server", "make_file", "nbdsh", "random_file", "require",
-           "run", "sys"]
+__all__ = ["LBD", "TOOL_PATH", "MgmtConn", "lbd_server", "make_file", "mgmt", "nbdsh",
+           "random_file", "require", "run", "sys"]
