@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Sequence
 
 from lbd.errors import ConfigError, IOFailure
@@ -36,6 +37,9 @@ class ExpandableLayer(Layer):
               create: bool) -> ChangeFile:
         if os.path.isdir(path):
             raise ConfigError(f"change file {path}: is a directory")
+        if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+            # never unlink a device node or a FIFO below as an "empty file"
+            raise ConfigError(f"change file {path}: not a regular file")
         parent_dir = os.path.dirname(os.path.abspath(path))
         if not os.path.exists(path) or os.path.getsize(path) == 0:
             if not create:

@@ -435,6 +435,8 @@ def test_live_add_layer_refusals_change_nothing(lbd_server, tmp_path: Path) -> N
     wrong_base = other_base_file(tmp_path)
     not_lbd = tmp_path / "notes.txt"
     not_lbd.write_text("not a change file\n" * 100)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # size 0, like an empty file: it used to be unlinked and replaced
     srv = serve(lbd_server, tmp_path, "-f", str(base), "-E", str(c1))
     run(["qemu-io", "-f", "raw", "-c", "write -P 0x66 0 64k", srv.uri])
     before = ok(mgmt(srv, "DEVICE_INFO"))
@@ -446,6 +448,7 @@ def test_live_add_layer_refusals_change_nothing(lbd_server, tmp_path: Path) -> N
         (str(wrong_size), "belongs to a device of 33554432 bytes"),
         (str(wrong_base), "was created on top of"),
         (str(not_lbd), "not an LBD change file"),
+        (str(fifo), "not a regular file"),
         (str(c1), "already layer 2"),
         (str(base), "already layer 1"),
     ]
@@ -457,6 +460,7 @@ def test_live_add_layer_refusals_change_nothing(lbd_server, tmp_path: Path) -> N
     assert after["command"] == before["command"]
     assert {p: p.read_bytes() for p in snapshots} == snapshots
     assert not (tmp_path / "missing-dir").exists()
+    assert fifo.is_fifo()
     # still the same writable device
     run(["qemu-io", "-f", "raw", "-c", "write -P 0x67 64k 64k", "-c", "read -P 0x66 0 64k",
          srv.uri])
