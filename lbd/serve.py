@@ -58,6 +58,7 @@ class Service:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         async with trio.open_nursery() as nursery:
+            await nursery.start(self._signals)
             for host, port in self.opts.tcp:
                 try:
                     bound = await nursery.start(self.nbd.serve_tcp, host, port)
@@ -83,14 +84,18 @@ class Service:
                                       f"{format_address(host, port)}: "
                                       f"{exc.strerror or exc}") from None
             task_status.started()
-            nursery.start_soon(self._signals)
             await self.stop_requested.wait()
             log.info("shutting down: finishing requests in flight")
             await self.nbd.shutdown()
             nursery.cancel_scope.cancel()
 
-    async def _signals(self) -> None:
+    async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                       ) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            if _early_signals:  # arrived while the layers were being opened
+                log.info("%s received during start-up", signal.Signals(_early_signals[0]).name)
+                self.stop_requested.set()
             async for signum in signals:
                 log.info("%s received", signal.Signals(signum).name)
                 self.stop_requested.set()
@@ -115,7 +120,18 @@ def _first_config_error(group: BaseExceptionGroup) -> ConfigError | None:
     return None
 
 
+_early_signals: list[int] = []
+
+
+def _remember_signal(signum: int, frame: object) -> None:
+    _early_signals.append(signum)
+
+
 def run(opts: ServeOptions) -> int:
+    # SIGINT/SIGTERM before the event loop listens for them must still end
+    # in a clean stop, not in death by the default action.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _remember_signal)
     token = None
     if opts.manage is not None and opts.manage_token:
         token = read_token_file(opts.manage_token)  # before any file is opened
