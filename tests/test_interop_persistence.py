@@ -191,8 +191,9 @@ def pattern(i: int, n: int) -> bytes:
 
 
 def crash_round(srv: Any, slots: list[int], first: int, depth: int, seed: int,
-                kill_after: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
-    """Run the client, SIGKILL the server after ``kill_after`` acks.
+                kill_after: int, sig: int = signal.SIGKILL
+                ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """Run the client, signal the server (SIGKILL) after ``kill_after`` acks.
 
     Returns (acknowledged writes, writes sent but not acknowledged).
     """
@@ -212,7 +213,7 @@ def crash_round(srv: Any, slots: list[int], first: int, depth: int, seed: int,
             if line.startswith("ACK"):
                 acks += 1
                 if acks >= kill_after:
-                    srv.proc.send_signal(signal.SIGKILL)
+                    srv.proc.send_signal(sig)
                     killed = True
                     break
             assert time.monotonic() < deadline, "client too slow"
@@ -222,10 +223,13 @@ def crash_round(srv: Any, slots: list[int], first: int, depth: int, seed: int,
         client.wait(60)
         err_file.seek(0)
         err = err_file.read()
-    srv.proc.wait(10)
+    srv.proc.wait(30)
     srv.stop()
     assert killed, f"the client finished before {kill_after} acks:\n{''.join(lines[-5:])}{err}"
-    assert srv.proc.returncode == -signal.SIGKILL
+    if sig == signal.SIGKILL:
+        assert srv.proc.returncode == -signal.SIGKILL
+    else:
+        assert srv.proc.returncode == 0, srv.log()
     sent, acked = {}, {}
     for line in lines:
         parts = line.split()
@@ -294,6 +298,20 @@ def test_kill9_acknowledged_writes_survive_sync_client(lbd_server, tmp_path: Pat
 
 def test_kill9_acknowledged_writes_survive_aio_client(lbd_server, tmp_path: Path) -> None:
     crash_test(lbd_server, tmp_path, depth=16, seed=51)
+
+
+def test_sigterm_under_load_keeps_acknowledged_writes(lbd_server, tmp_path: Path) -> None:
+    """SIGTERM while a client has many writes in flight: the server finishes
+    them, exits 0, and every acknowledged write is there after a restart."""
+    base = random_file(tmp_path / "base.img", SIZE, seed=52)
+    args = ["-s", "16M", "-f", str(base), "-E", str(tmp_path / "c.lbd")]
+    srv = lbd_server(args)
+    slots = random.Random(52).sample(range(SIZE // SLOT), 200)
+    acked, in_flight = crash_round(srv, slots, 0, 32, 520, kill_after=40, sig=signal.SIGTERM)
+    assert "stopped cleanly" in srv.log()
+    srv = lbd_server(args)
+    data = dump(srv.uri, tmp_path / "dump")
+    check_crash_state(data, base.read_bytes(), acked, in_flight)
 
 
 def test_kill9_then_writes_continue(lbd_server, tmp_path: Path) -> None:
