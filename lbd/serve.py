@@ -75,6 +75,8 @@ class Service:
                 log.info("listening on unix socket %s", path)
             for uri in self.nbd.addresses:
                 log.info("export %s", uri)
+            for line in connect_hints(self.nbd.addresses, self.opts.export_name):
+                log.info("%s", line)
             if self.manager is not None and self.opts.manage is not None:
                 host, port = self.opts.manage
                 try:
@@ -99,6 +101,27 @@ class Service:
             async for signum in signals:
                 log.info("%s received", signal.Signals(signum).name)
                 self.stop_requested.set()
+
+
+def connect_hints(addresses: list[str], export: str) -> list[str]:
+    """The client command lines for the first address, for the start-up log."""
+    if not addresses:
+        return []
+    uri = addresses[0]
+    hints = [f"try:  nbdinfo '{uri}'"]
+    if uri.startswith("nbd://"):
+        hostport = uri[len("nbd://"):].split("/", 1)[0]
+        host, port = hostport.rsplit(":", 1)
+        if host in ("0.0.0.0", "[::]"):
+            host = "localhost"
+        name = f" -N '{export}'" if export else ""
+        hints.append(f"      nbd-client {host} {port} /dev/nbd0{name}   "
+                     "(Linux kernel client; modprobe nbd first)")
+    else:
+        sock = uri.split("socket=", 1)[1]
+        hints.append(f"      nbd-client -unix {sock} /dev/nbd0 -N '{export}'   "
+                     "(Linux kernel client; modprobe nbd first)")
+    return hints
 
 
 def describe_stack(device: Device) -> str:
