@@ -238,6 +238,54 @@ def test_shutdown_replies_then_stops_gracefully(lbd_server, tmp_path: Path) -> N
     assert out.split() == ["True", "True"]
 
 
+SHUTDOWN_MID_WRITES = """
+import socket
+N = 64
+bufs = [nbd.Buffer.from_bytearray(bytearray([0x5c]) * 262144) for _ in range(N)]
+cookies = [h.aio_pwrite(bufs[i], i * 262144) for i in range(N)]
+state = {{}}
+def collect():
+    for i, c in enumerate(cookies):
+        if i not in state:
+            try:
+                if h.aio_command_completed(c):
+                    state[i] = "ok"
+            except nbd.Error as e:
+                state[i] = e.errno
+while len(state) < 4:
+    h.poll(-1)
+    collect()
+s = socket.create_connection(("127.0.0.1", {port}))
+s.sendall(b"SHUTDOWN\\n")
+assert s.recv(100) == b"OK true\\n"
+while len(state) < N and not (h.aio_is_dead() or h.aio_is_closed()):
+    try:
+        h.poll(-1)
+    except nbd.Error:
+        pass
+    collect()
+collect()
+print(" ".join(str(i) for i, v in sorted(state.items()) if v == "ok"))
+print(sorted(set(v for v in state.values() if v != "ok")))
+"""
+
+
+def test_shutdown_while_writes_are_in_flight(lbd_server, tmp_path: Path) -> None:
+    """Writes the server took are finished and answered; every answered one is kept."""
+    base, c1 = stack(tmp_path)
+    srv = serve(lbd_server, tmp_path, "-f", str(base), "-E", str(c1))
+    out = nbdsh(srv.uri, SHUTDOWN_MID_WRITES.format(port=srv.manage_port)).splitlines()
+    done = [int(i) for i in out[0].split()]
+    assert len(done) >= 4 and out[1] in ("[]", "['ENOTCONN']")
+    assert srv.wait(30) == 0
+    taken = re.search(r"conn \d+ \(unix\): closed after (\d+) requests", srv.log())
+    assert taken is not None and int(taken.group(1)) == len(done)  # all it read, it answered
+    again = serve(lbd_server, tmp_path, "-f", str(base), "-e", str(c1))
+    check = "; ".join(f"assert h.pread(262144, {i * 262144}) == b'\\x5c' * 262144"
+                      for i in done)
+    nbdsh(again.uri, check)
+
+
 def test_requests_while_stopping(lbd_server, tmp_path: Path) -> None:
     """Two SHUTDOWNs at once: both answered, one stop."""
     base, c1 = stack(tmp_path)
@@ -336,6 +384,16 @@ def test_live_add_layer_makes_a_read_only_device_writable(lbd_server, tmp_path: 
     again = lbd_server(["-s", "16M", *layer_args(info)])
     out = nbdsh(again.uri, "print(h.pread(4096, 8192) == b'\\x42' * 4096)")
     assert out.strip() == "True"
+
+
+def test_live_add_layer_keeps_an_explicit_readonly(lbd_server, tmp_path: Path) -> None:
+    """-r means clients never write: the new layer is committed-on-top but not exported rw."""
+    base, c1 = stack(tmp_path)
+    srv = serve(lbd_server, tmp_path, "-f", str(base), "-E", str(c1), "-r")
+    r = ok(mgmt(srv, "LIVE_ADD_LAYER", str(tmp_path / "c2.lbd")))
+    assert r["writable"] is False and r["layer"]["writable"] is True
+    assert "--readonly" in r["command"]
+    assert nbdsh(srv.uri, "print(h.is_read_only())").strip() == "True"
 
 
 def test_live_add_layer_on_a_writable_image(lbd_server, tmp_path: Path) -> None:
