@@ -202,3 +202,37 @@ def test_odd_device_size(lbd_server, tmp_path: Path) -> None:
     want[size - 1024:] = b"\x5e" * 1024
     want[size - 3:] = b"end"
     assert (tmp_path / "out.img").read_bytes() == want
+
+
+def test_large_sparse_device_64bit_offsets(lbd_server, tmp_path: Path) -> None:
+    """A 64 GiB device (change file only): offsets past 4 GiB, block status
+    answered in pieces, holes skipped by nbdcopy."""
+    gib = 1 << 30
+    size = 64 * gib
+    srv = lbd_server(["-s", "64G", "-E", str(tmp_path / "c.lbd")])
+    nbdsh(srv.uri, f"""
+h.pwrite(b'a' * 4096, {4 * gib - 2048})  # across the 4 GiB line
+h.pwrite(b'b' * 65536, {63 * gib})
+h.zero({gib}, {10 * gib})
+h.pwrite(b'c' * 512, {size - 512})
+assert h.pread(4096, {4 * gib - 2048}) == b'a' * 4096
+assert h.pread(512, {size - 512}) == b'c' * 512
+""")
+    require("nbdinfo", "nbdcopy", "qemu-img")
+
+    def nbdmap(*opt: str) -> list[tuple[int, int, int]]:
+        m = json.loads(run(["nbdinfo", *opt, "--json", srv.uri]).stdout)
+        return [(e["offset"], e["length"], e["type"]) for e in m]
+
+    assert nbdmap("--map") == [
+        (0, 4 * gib - 2048, 3), (4 * gib - 2048, 4096, 0),
+        (4 * gib + 2048, 59 * gib - 2048, 3), (63 * gib, 65536, 0),
+        (63 * gib + 65536, gib - 65536 - 512, 3), (size - 512, 512, 0)]
+    assert nbdmap("--map=lbd:allocation-depth") == [
+        (0, 4 * gib - 2048, 0), (4 * gib - 2048, 4096, 1), (4 * gib + 2048, 6 * gib - 2048, 0),
+        (10 * gib, gib, 1), (11 * gib, 52 * gib, 0), (63 * gib, 65536, 1),
+        (63 * gib + 65536, gib - 65536 - 512, 0), (size - 512, 512, 1)]
+    qm = json.loads(run(["qemu-img", "map", "--output=json", "-f", "raw", srv.uri]).stdout)
+    assert [(e["start"], e["length"], e["data"]) for e in qm if e["data"]] == [
+        (4 * gib - 2048, 4096, True), (63 * gib, 65536, True), (size - 512, 512, True)]
+    run(["nbdcopy", srv.uri, "null:"], timeout=60)

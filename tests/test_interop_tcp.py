@@ -64,3 +64,18 @@ def test_tcp_nbdcopy_multi_conn(lbd_server, tmp_path: Path) -> None:
     run(["nbdcopy", "-C", "4", str(src), srv.tcp_uri])
     run(["nbdcopy", "-C", "4", srv.tcp_uri, str(tmp_path / "out.img")])
     assert (tmp_path / "out.img").read_bytes() == src.read_bytes()
+
+
+def test_two_unix_sockets_and_tcp(lbd_server, tmp_path: Path) -> None:
+    """Several listeners at once (--unix twice, -l): one device behind all."""
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="lbdt-")
+    second = os.path.join(d, "second.sock")
+    srv = lbd_server(["-s", "16M", "-E", str(tmp_path / "c.lbd"), "--unix", second], tcp=True)
+    nbdsh(f"nbd+unix:///?socket={second}", "h.pwrite(b'2nd!' * 128, 0)")
+    for uri in (srv.uri, srv.tcp_uri, f"nbd+unix:///?socket={second}"):
+        assert nbdsh(uri, "print(h.pread(512, 0) == b'2nd!' * 128)").strip() == "True", uri
+    assert srv.stop() == 0
+    assert not os.path.exists(second)  # removed at exit
+    os.rmdir(d)
