@@ -33,7 +33,6 @@ class Device:
             if layer.writable:
                 raise ValueError("only the topmost layer may be writable")
         self.size = size
-        self._layers: list[Layer] = [*layers]
         self._null = NullLayer(size)
         self._stack: list[Layer] = [*reversed(layers), self._null]  # top first
 
@@ -61,7 +60,6 @@ class Device:
         """
         old = self._stack[0]
         old.writable = False
-        self._layers.append(layer)
         self._stack.insert(0, layer)
         return old
 

@@ -1,11 +1,10 @@
 """The NBD wire protocol, sans I/O (doc/proto.md of the NBD project).
 
 Pure encoding and decoding: no sockets, no trio.  The server frontend drives
-:class:`ServerHandshake` with bytes and then parses requests with
-:func:`parse_requests` and encodes replies with the ``*_reply`` functions; the
-NBD-client layer uses :class:`ClientHandshake` and the same codecs the other
-way round.  Errors split by blame, as in h11: :class:`ProtocolError` means the
-peer broke the protocol (the connection cannot continue).
+:class:`ServerHandshake` with bytes, unpacks requests with :data:`REQUEST`
+and encodes replies with the ``*_reply`` / ``*_chunk`` functions.  The
+constants and codecs are shared with NBD clients (the tests' raw-socket
+clients today, the NBD-client layer later), so nothing here assumes a side.
 """
 
 from __future__ import annotations
@@ -130,10 +129,6 @@ REQUEST = struct.Struct(">IHHQQI")
 SIMPLE_REPLY = struct.Struct(">IIQ")
 STRUCTURED_HEADER = struct.Struct(">IHHQI")
 _OFFSET = struct.Struct(">Q")
-
-
-class ProtocolError(Exception):
-    """The peer sent something the protocol does not allow; hang up."""
 
 
 # -- exports -------------------------------------------------------------------
