@@ -70,8 +70,9 @@ class FlatLayer(Layer):
                     f"-b {actual // 512})" if actual % 512 == 0 else
                     f"flat image {path} is {actual} bytes but the device is {size} bytes; "
                     "a flat layer must be exactly the device size")
-            if writable:
-                self.io.lock("flat image")
+            # shared when read-only, exclusive when writable: nothing writes an
+            # image that a running stack reads as its base
+            self.io.lock("flat image")
         except BaseException:
             self.io.close()
             raise
