@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 from support import lbd_exe, nbdsh, random_file, run
@@ -18,7 +19,12 @@ MiB = 1 << 20
 def serve_fails(tmp_path: Path, *args: str, sock: str | None = None) -> str:
     """Run ``lbd serve ARGS``; it must fail fast. Returns stderr."""
     sock = sock or str(tmp_path / "s.sock")
-    p = run([lbd_exe(), "serve", *args, "--unix", sock], check=False, timeout=15)
+    try:  # no management daemon: only the failure under test may stop the start
+        p = run([lbd_exe(), "serve", *args, "--unix", sock, "-a", "none"], check=False,
+                timeout=10)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"lbd serve {' '.join(args)} started serving instead of "
+                             "refusing") from None
     assert p.returncode != 0, f"lbd serve {' '.join(args)} did not fail:\n{p.stderr}"
     assert "Traceback" not in p.stderr, p.stderr
     assert "lbd: error:" in p.stderr, p.stderr
@@ -147,3 +153,46 @@ def test_cli_unix_socket_in_missing_directory(tmp_path: Path) -> None:
     sock = str(tmp_path / "no" / "such" / "dir" / "s.sock")
     err = serve_fails(tmp_path, "-s", "16M", "-E", str(tmp_path / "c.lbd"), sock=sock)
     assert "cannot listen on unix socket" in err and sock in err, err
+
+
+# -- files in use by another server -----------------------------------------------------------
+
+
+def test_cli_change_file_in_use(lbd_server, tmp_path: Path) -> None:
+    base = flat(tmp_path)
+    chg = str(tmp_path / "c.lbd")
+    srv = lbd_server(["-s", "16M", "-f", base, "-E", chg])
+    for flag in ("-E", "-e"):
+        err = serve_fails(tmp_path, "-s", "16M", "-f", base, flag, chg)
+        assert "locked" in err and str(srv.proc.pid) in err, err
+    nbdsh(srv.uri, "h.pwrite(b'x' * 512, 0)")  # the first server is unharmed
+
+
+def test_cli_read_only_base_shared_by_two_servers(lbd_server, tmp_path: Path) -> None:
+    base = flat(tmp_path)
+    a = lbd_server(["-s", "16M", "-f", base, "-E", str(tmp_path / "a.lbd")])
+    b = lbd_server(["-s", "16M", "-f", base, "-E", str(tmp_path / "b.lbd")])
+    c = lbd_server(["-s", "16M", "-f", base])
+    for srv in (a, b, c):
+        assert nbdsh(srv.uri, "print(h.get_size())").strip() == str(16 * MiB)
+
+
+def test_cli_writable_flat_in_use(lbd_server, tmp_path: Path) -> None:
+    """A flat image served writable (-F) is not served again, writable or not."""
+    base = flat(tmp_path)
+    srv = lbd_server(["-s", "16M", "-F", base])
+    err = serve_fails(tmp_path, "-s", "16M", "-F", base)
+    assert "locked" in err, err
+    err = serve_fails(tmp_path, "-s", "16M", "-f", base, "-E", str(tmp_path / "c.lbd"))
+    assert "locked" in err, err
+    nbdsh(srv.uri, "h.pwrite(b'x' * 512, 0)")
+
+
+def test_cli_base_under_a_stack_not_served_writable(lbd_server, tmp_path: Path) -> None:
+    """The base of a running stack must not be written by another server: the
+    change file on top of it would then hold sectors over changed data."""
+    base = flat(tmp_path)
+    srv = lbd_server(["-s", "16M", "-f", base, "-E", str(tmp_path / "c.lbd")])
+    err = serve_fails(tmp_path, "-s", "16M", "-F", base)
+    assert "locked" in err, err
+    nbdsh(srv.uri, "h.pwrite(b'x' * 512, 0)")
