@@ -244,8 +244,8 @@ class ServerHandshake:
             data = bytes(self._buf[16:16 + length])
             del self._buf[:16 + length]
             out += self._option(opt, data)
-        if self.state != NEED_DATA:
-            self.leftover = bytes(self._buf)
+        if self.state != NEED_DATA:  # what follows belongs to the transmission phase
+            self.leftover += bytes(self._buf)
             self._buf.clear()
         return bytes(out)
 
