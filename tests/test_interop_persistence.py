@@ -363,3 +363,17 @@ def test_sigterm_right_after_start_exits_0(tmp_path: Path) -> None:
             os.unlink(sock)
         os.rmdir(sockdir)
     assert codes == [0] * 10, f"exit codes {codes}; -15 = killed by the signal itself"
+
+
+def test_default_device_in_data_dir(lbd_server, tmp_path: Path) -> None:
+    """No layer flags: a writable 1 GiB device in $XDG_DATA_HOME/lbd that keeps its data."""
+    env = {"XDG_DATA_HOME": str(tmp_path / "data")}
+    srv = lbd_server([], extra_env=env)
+    require("nbdinfo")
+    assert run(["nbdinfo", "--size", srv.uri]).stdout.strip() == str(1 << 30)
+    nbdsh(srv.uri, "h.pwrite(b'default!' * 512, (1 << 30) - 4096)")
+    clean_stop(srv)
+    assert (tmp_path / "data" / "lbd" / "default.lbd").is_file()
+    srv = lbd_server([], extra_env=env)
+    out = nbdsh(srv.uri, "print(h.pread(4096, (1 << 30) - 4096) == b'default!' * 512)")
+    assert out.strip() == "True"
