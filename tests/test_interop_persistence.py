@@ -143,18 +143,25 @@ def test_restart_writable_flat(lbd_server, tmp_path: Path) -> None:
 
 # -- kill -9 ------------------------------------------------------------------------------------
 
-# The client: writes unique patterns into distinct slots and prints one line
-# per acknowledged write.  Synchronous (one in flight) or aio (many in flight).
+# The client: writes unique patterns (and some zeroes and trims) into distinct
+# slots and prints one line per acknowledged request.  Synchronous (one in
+# flight) or aio (many in flight).
 CRASH_CLIENT = """
 import json, random, sys
 rng = random.Random({seed})
 slots = {slots!r}
 depth = {depth}
+def kind(i):
+    return 'zero' if i % 7 == 3 else 'trim' if i % 7 == 5 else 'write'
 def pattern(i, n):
+    if kind(i) != 'write':
+        return bytes(n)
     head = ('%08d:' % i).encode()
     return (head * (n // len(head) + 1))[:n]
 def plan(i, slot):
-    n = rng.choice([512, 4096, 4096, 8192, 65536, 1000, 33333])
+    sizes = [512, 4096, 8192, 65536] if kind(i) == 'trim' else \\
+        [512, 4096, 4096, 8192, 65536, 1000, 33333]
+    n = rng.choice(sizes)
     if n % 512:
         off = slot * {slot} + rng.randrange(0, {slot} - n)
     else:
@@ -165,7 +172,12 @@ print('START', flush=True)
 if depth == 1:
     for i, (off, n) in todo:
         print('SEND', i, off, n, flush=True)
-        h.pwrite(pattern(i, n), off)
+        if kind(i) == 'write':
+            h.pwrite(pattern(i, n), off)
+        elif kind(i) == 'zero':
+            h.zero(n, off)
+        else:
+            h.trim(n, off)
         print('ACK', i, off, n, flush=True)
 else:
     pending = list(todo)
@@ -179,13 +191,22 @@ else:
         while pending and h.aio_in_flight() < depth:
             i, (off, n) = pending.pop(0)
             print('SEND', i, off, n, flush=True)
-            h.aio_pwrite(pattern(i, n), off, acked(i, off, n))
+            if kind(i) == 'write':
+                h.aio_pwrite(pattern(i, n), off, acked(i, off, n))
+            elif kind(i) == 'zero':
+                h.aio_zero(n, off, acked(i, off, n))
+            else:
+                h.aio_trim(n, off, acked(i, off, n))
         h.poll(-1)
 print('DONE', flush=True)
 """
 
 
 def pattern(i: int, n: int) -> bytes:
+    """What request #i leaves: its pattern (writes) or zeros (every 7th from 3:
+    WRITE_ZEROES, from 5: TRIM, which LBD records as zeros)."""
+    if i % 7 in (3, 5):
+        return bytes(n)
     head = (b"%08d:" % i)
     return (head * (n // len(head) + 1))[:n]
 
