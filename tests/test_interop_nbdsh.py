@@ -479,3 +479,28 @@ print(json.dumps([errors, [hashlib.sha256(b.to_bytearray()).hexdigest() for b in
     for off, i in writes:
         model[off:off + 8192] = bytes([i]) * 8192
     assert_same(dump(srv.uri, tmp_path / "dump"), model)
+
+
+def test_libnbd_simple_replies_only(lbd_server, tmp_path: Path) -> None:
+    """A client that does not negotiate structured replies: reads, writes and
+    errors (no payload after a failed read's simple reply) keep the stream in step."""
+    srv, model = stack(lbd_server, tmp_path)
+    require("nbdsh")
+    out = run(["nbdsh", "-c", PRELUDE, "-c", "h.set_request_structured_replies(False)",
+               "-c", "h.set_strict_mode(0)", "-u", srv.uri, "-c", f"""
+assert not h.get_structured_replies_negotiated()
+r = [err_of(h.pread, 4096, {SIZE - 512})]
+h.pwrite(b's' * 5000, 100)
+r.append(err_of(h.pread, 512, {SIZE}))
+r.append(h.pread(5000, 100) == b's' * 5000)
+r.append(err_of(h.pwrite, b'x' * 512, {SIZE}))
+r.append(h.pread(16, 0).hex())
+print(json.dumps(r))
+"""]).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    model[100:5100] = b"s" * 5000
+    assert res[0][0] == errno.EINVAL and res[1][0] == errno.EINVAL
+    assert res[2] is True
+    assert res[3][0] == errno.ENOSPC
+    assert bytes.fromhex(res[4]) == model[:16]
+    assert_same(dump(srv.uri, tmp_path / "dump"), model)
