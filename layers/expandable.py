@@ -97,8 +97,18 @@ class ExpandableLayer(Layer):
 
     def read_present(self, offset: int, view: memoryview, nowait: bool) -> list[tuple[int, int]]:
         runs = self.cf.lookup(offset // SECTOR, len(view) // SECTOR)
-        if len(runs) == 1 and runs[0][2] is None:
-            return [(offset, len(view))]
+        if len(runs) == 1:  # the common case: one run, absent or one piece of data
+            loc = runs[0][2]
+            if loc is None:
+                return [(offset, len(view))]
+            if loc >= 0:
+                try:
+                    self.cf.io.readinto(view, loc, nowait=nowait)
+                except OSError as exc:
+                    raise IOFailure.from_oserror(exc, f"reading {self.path}") from exc
+                self.reads += 1
+                self.read_bytes += len(view)
+                return []
         absent: list[tuple[int, int]] = []
         read_io = self.cf.io
         for s, n, loc in runs:

@@ -48,10 +48,24 @@ class ExtentMap:
         ``loc`` is a file byte offset, :data:`ZERO`, or ``None`` for absent.
         Adjacent runs are merged when their locations are contiguous.
         """
-        out: list[tuple[int, int, int | None]] = []
-        pos = start
         end = start + count
         chunks = self._chunks
+        cidx = start >> CHUNK_SHIFT
+        if (end - 1) >> CHUNK_SHIFT == cidx:
+            # fast path: the range is inside one chunk and one extent (or none)
+            chunk = chunks.get(cidx)
+            if chunk is None:
+                return [(start, count, None)]
+            starts = chunk.starts
+            i = bisect_right(starts, start) - 1
+            if i >= 0 and chunk.ends[i] >= end:
+                loc = chunk.locs[i]
+                return [(start, count, loc if loc == ZERO else loc + (start - starts[i]) * SECTOR)]
+            if (i < 0 or chunk.ends[i] <= start) and (i + 1 >= len(starts)
+                                                     or starts[i + 1] >= end):
+                return [(start, count, None)]
+        out: list[tuple[int, int, int | None]] = []
+        pos = start
         while pos < end:
             cidx = pos >> CHUNK_SHIFT
             cend = min(end, (cidx + 1) << CHUNK_SHIFT)
