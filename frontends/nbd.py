@@ -292,8 +292,9 @@ class Connection:
         try:
             while self._out:
                 bufs, self._out = self._out, []
+                size = sum(len(b) for b in bufs)  # before _sendv trims partly sent buffers
                 await self._sendv(bufs)
-                self._out_bytes -= sum(len(b) for b in bufs)
+                self._out_bytes -= size
         except OSError as exc:
             log.info("conn %d: send failed (%s); dropping the connection", self.cid, exc)
             self._dead = True
