@@ -124,6 +124,19 @@ class ExpandableLayer(Layer):
         self.reads += 1
         return absent
 
+    def locate(self, offset: int, length: int) -> tuple[int, int] | bool | None:
+        runs = self.cf.lookup(offset // SECTOR, length // SECTOR)
+        if len(runs) != 1:
+            return None
+        loc = runs[0][2]
+        if loc is None:
+            return False
+        if loc == ZERO:
+            return None
+        self.reads += 1
+        self.read_bytes += length
+        return (self.cf.io.fd, loc)
+
     def extents(self, offset: int, length: int) -> list[tuple[int, int, State]]:
         out = []
         for s, n, loc in self.cf.lookup(offset // SECTOR, length // SECTOR):

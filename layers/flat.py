@@ -98,6 +98,11 @@ class FlatLayer(Layer):
         self.read_bytes += len(view)
         return []
 
+    def locate(self, offset: int, length: int) -> tuple[int, int] | bool | None:
+        self.reads += 1
+        self.read_bytes += length
+        return (self.io.fd, offset)
+
     def extents(self, offset: int, length: int) -> list[tuple[int, int, State]]:
         return [(s, n, State.DATA if data else State.ZERO)
                 for s, n, data in self.io.seek_data_holes(offset, offset + length)]

@@ -108,6 +108,21 @@ class Device:
             if not pending:
                 return
 
+    def locate(self, offset: int, length: int) -> tuple[int, int] | None:
+        """``(fd, file_offset)`` when an aligned range is one piece of one file.
+
+        For frontends that can send file data without copying it (sendfile);
+        None means: read it with :meth:`read`.
+        """
+        if (offset | length) & _MASK or offset + length > self.size:
+            return None
+        for layer in self._stack:
+            where = layer.locate(offset, length)
+            if where is False:
+                continue
+            return where if isinstance(where, tuple) else None
+        return None
+
     async def aread(self, offset: int, length: int) -> bytearray | memoryview:
         """Read inline when the page cache has it, else in a worker thread."""
         try:

@@ -100,6 +100,15 @@ class Layer(ABC):
         layer below.
         """
 
+    def locate(self, offset: int, length: int) -> tuple[int, int] | bool | None:
+        """Where the range lives, if it is one contiguous piece of one file.
+
+        ``(fd, file_offset)`` if so; ``False`` if none of it is held here
+        (ask the layer below); ``None`` if it is anything else (partly held,
+        zeros, not a file): the caller then reads it the ordinary way.
+        """
+        return None
+
     def extents(self, offset: int, length: int) -> list[tuple[int, int, State]]:
         """Cover ``[offset, offset + length)`` with ``(offset, length, state)``."""
         return [(offset, length, State.DATA)]
