@@ -39,7 +39,9 @@ GiB = 1 << 30
 REPO = Path(__file__).resolve().parents[2]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 60.0
-STOP_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+# nbdcopy of the whole device must reach at least this rate, else it counts as hung.
+NBDCOPY_MIN_RATE = 8 * MiB
 
 
 class BenchError(Exception):
@@ -196,7 +198,10 @@ class LBD(ServerKind):
         change = ctx.workdir / f"lbd-{tag}.lbd"
         remove(change)
         argv = [ctx.lbd, "serve", "-s", str(ctx.size), "-f", str(ctx.base), "-E", str(change),
-                "--unix", str(sock), "-a", "none", *ctx.lbd_args]
+                "--unix", str(sock),
+                # No management daemon: its default 127.0.0.1:6666 may be taken by
+                # another lbd on this machine.
+                "-a", "none", *ctx.lbd_args]
         return Launch(argv, ready_text="listening on", scratch=[change])
 
 
@@ -367,7 +372,7 @@ def run_nbdcopy(server: Server, size: int, runtime: int) -> Result:
         t_all = time.monotonic()
         while not rates or (time.monotonic() - t_all < runtime and len(rates) < 5):
             t0 = time.monotonic()
-            run(["nbdcopy", server.uri, "null:"], timeout=600,
+            run(["nbdcopy", server.uri, "null:"], timeout=30 + size / NBDCOPY_MIN_RATE,
                 what=f"nbdcopy from {server.kind.name}")
             rates.append(size / MiB / (time.monotonic() - t0))
         return statistics.median(rates), {"seconds": time.monotonic() - t_all,
@@ -477,12 +482,19 @@ def bench_server(kind: ServerKind, ctx: Ctx, workloads: Sequence[Workload], runt
             for w in wls:
                 results.setdefault(w.key, f"FAILED: {str(exc).splitlines()[0]}")
 
-    if readers:
+    pending = list(readers)
+    while pending:
+        # Reads share one server start; after a failure the rest get a fresh one.
         def reads() -> None:
             with serving(kind, ctx, "read", writes=False) as server:
-                for wl in readers:
-                    one(server, wl)
-        guarded(readers, reads)
+                while pending:
+                    one(server, pending[0])
+                    pending.pop(0)
+
+        failed = pending[0]
+        guarded([failed], reads)
+        if pending and pending[0] is failed:
+            pending.pop(0)
     for wl in writers:
         def write(wl: Workload = wl) -> None:
             with serving(kind, ctx, wl.key, writes=True) as server:
