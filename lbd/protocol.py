@@ -377,10 +377,13 @@ def chunk_header(handle: int, rtype: int, length: int, done: bool = True) -> byt
                                   rtype, handle, length)
 
 
+_READ_CHUNK = struct.Struct(">IHHQIQ")
+
+
 def read_chunk_header(handle: int, offset: int, length: int) -> bytes:
     """Header of a final OFFSET_DATA chunk; ``length`` data bytes follow."""
-    return STRUCTURED_HEADER.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
-                                  REPLY_TYPE_OFFSET_DATA, handle, length + 8) + _OFFSET.pack(offset)
+    return _READ_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA,
+                            handle, length + 8, offset)
 
 
 def error_chunk(handle: int, error: int, message: str = "") -> bytes:
