@@ -479,6 +479,8 @@ class ChangeFile:
                 i += len(chunk)
             for buffers, loc in rewrites:
                 self.io.pwritev(buffers, loc)
+            if not iov:
+                return  # all rewrites in place: the map already says where they are
             for sector, count, loc, _crc, in_place in placed:
                 self.map.set(sector, count, loc)
                 unsynced[loc] = count * SECTOR
