@@ -43,6 +43,7 @@ MAX_REQUEST = 32 << 20  # the largest READ/WRITE we serve (NBD_INFO_BLOCK_SIZE m
 MAX_STATUS_SPAN = 1 << 30  # block status answers at most this much per request
 OUTPUT_HIGH_WATER = 64 << 20  # stop reading requests while this much reply data is queued
 HANDSHAKE_TIMEOUT = 30.0
+SHUTDOWN_GRACE = float(os.environ.get("LBD_SHUTDOWN_GRACE", "30"))  # seconds replies get at stop
 SENDFILE_MIN = 64 * 1024  # reads this large go out with sendfile when they can
 LONE_CLIENT_WAIT = 0.0002  # seconds one connection alone may wait for its next request
 IOV_MAX = 1024
@@ -187,7 +188,10 @@ class NBDServer:
         self._idle = trio.Event()
         try:
             await conn.run()
-        except Exception:
+        except* trio.ClosedResourceError:
+            log.warning("conn %d (%s): closed by the server before its replies went out",
+                        cid, peer)
+        except* Exception:
             log.exception("conn %d (%s): internal error; closing this connection", cid, peer)
         finally:
             raw.close()
@@ -202,7 +206,15 @@ class NBDServer:
             scope.cancel()
         for conn in list(self.connections.values()):
             conn.stop()
-        await self._idle.wait()
+        with trio.move_on_after(SHUTDOWN_GRACE) as waited:
+            await self._idle.wait()
+        if waited.cancelled_caught:
+            # a client that stopped reading its replies must not hold us forever
+            log.warning("%d connection(s) still busy after %g s; closing them",
+                        len(self.connections), SHUTDOWN_GRACE)
+            for conn in list(self.connections.values()):
+                conn.abort()
+            await self._idle.wait()
 
     def clients(self) -> list[dict[str, object]]:
         return [c.info() for c in self.connections.values()]
@@ -306,6 +318,16 @@ class Connection:
         return {"id": self.cid, "peer": self.peer, "export": self.export_name,
                 "readonly": self.readonly, "structured_replies": self.structured,
                 "requests": self.requests}
+
+    def abort(self) -> None:
+        """Give up on this client: wake every task waiting on its socket."""
+        self._dead = True
+        self._out.clear()
+        trio.lowlevel.notify_closing(self.raw)
+        try:
+            self.raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def stop(self) -> None:
         """Read no more requests; the ones in flight finish and are answered."""
