@@ -72,7 +72,7 @@ class LBD:
         if tcp:
             cmd += ["-l", "127.0.0.1:0"]
         self.log_path = cwd / f"lbd-{os.getpid()}-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "wb")
         env = {**os.environ, "PATH": TOOL_PATH, **(extra_env or {})}
         self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env)
