@@ -632,6 +632,10 @@ class Connection:
                         f"[{offset}, {offset + length}) is beyond the end of the device")
             return
         device = self.device
+        if not device.local and cmd != P.CMD_READ and cmd != P.CMD_FLUSH:
+            # a remote layer may wait on its network: never on the event loop
+            self._spawn(self._dispatch_async, cmd, flags, handle, offset, length, None)
+            return
         try:
             if cmd == P.CMD_READ:
                 if length >= SENDFILE_MIN:
@@ -676,6 +680,11 @@ class Connection:
             self._error(P.CMD_WRITE, handle, P.EINVAL, problem)
             return
         fua = bool(flags & P.CMDF_FUA)
+        if not self.device.local:
+            # the payload lives in the receive buffer, which is reused: copy it
+            self._spawn(self._dispatch_async, P.CMD_WRITE, flags, handle, offset, length,
+                        bytes(payload))
+            return
         if not (offset | length) & 511 and not self.readonly:
             # aligned writes of one receive are committed together (_commit_writes)
             self._wbatch.append((handle, offset, payload, fua))
@@ -721,11 +730,48 @@ class Connection:
         if durable:
             self._spawn(self._flush_async, P.CMD_WRITE, durable)
 
-    def _block_status(self, flags: int, handle: int, offset: int, length: int) -> None:
+    async def _dispatch_async(self, cmd: int, flags: int, handle: int, offset: int,
+                              length: int, payload: bytes | None) -> None:
+        """Serve a request in a worker thread (a stack with a remote layer)."""
+        device = self.device
+        fua = bool(flags & P.CMDF_FUA)
+        try:
+            if cmd in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES) and self.readonly:
+                raise IOFailure(errno.EPERM, "read-only export")
+            if cmd == P.CMD_WRITE:
+                assert payload is not None
+                await trio.to_thread.run_sync(device.write, offset, payload)
+            elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
+                trim = cmd == P.CMD_TRIM
+                await trio.to_thread.run_sync(
+                    lambda: device.zero(offset, length, trim=trim,
+                                        no_hole=bool(flags & P.CMDF_NO_HOLE),
+                                        fast=bool(flags & P.CMDF_FAST_ZERO)))
+            elif cmd == P.CMD_BLOCK_STATUS:
+                runs = None
+                if self.contexts:
+                    runs = await trio.to_thread.run_sync(
+                        device.block_status, offset, min(length, MAX_STATUS_SPAN))
+                self._block_status(flags, handle, offset, length, runs)
+                await self._flush()
+                return
+            elif cmd == P.CMD_CACHE:
+                await trio.to_thread.run_sync(device.cache, offset, length)
+            if fua:
+                await device.aflush()
+        except Exception as exc:
+            self._fail(cmd, handle, exc)
+        else:
+            self._ok(handle)
+        await self._flush()
+
+    def _block_status(self, flags: int, handle: int, offset: int, length: int,
+                      runs: list[tuple[int, State, int]] | None = None) -> None:
         if not self.contexts:
             self._error(P.CMD_BLOCK_STATUS, handle, P.EINVAL, "no metadata context negotiated")
             return
-        runs = self.device.block_status(offset, min(length, MAX_STATUS_SPAN))
+        if runs is None:
+            runs = self.device.block_status(offset, min(length, MAX_STATUS_SPAN))
         items = list(self.contexts.items())
         for i, (cid, name) in enumerate(items):
             if name == P.CONTEXT_BASE_ALLOCATION:

@@ -35,8 +35,15 @@ class Device:
         self.size = size
         self._null = NullLayer(size)
         self._stack: list[Layer] = [*reversed(layers), self._null]  # top first
+        self.local = all(layer.local for layer in self._stack)
 
     # -- the stack -------------------------------------------------------------
+    #
+    # ``local`` is True when every layer does only local file I/O.  Then the
+    # synchronous calls (write, zero, cache, block_status) are short enough
+    # for a frontend to make on its event loop.  When it is False (a remote
+    # NBD or RBD layer), any call except ``read(nowait=True)`` and ``locate``
+    # may wait on a network: frontends run them in worker threads.
 
     @property
     def layers(self) -> list[Layer]:
@@ -61,6 +68,7 @@ class Device:
         old = self._stack[0]
         old.writable = False
         self._stack.insert(0, layer)
+        self.local = self.local and layer.local
         return old
 
     def info(self) -> list[dict[str, Any]]:

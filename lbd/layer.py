@@ -60,6 +60,9 @@ class Identity:
 
 class Layer(ABC):
     kind: ClassVar[str]
+    # False for a layer that may wait on a network (NBD, RBD).  Its
+    # read_present(nowait=True) must raise WouldBlock rather than wait, and
+    # frontends then call everything else in worker threads (Device.local).
     local: ClassVar[bool] = True
 
     def __init__(self, size: int, writable: bool) -> None:
