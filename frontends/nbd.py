@@ -26,6 +26,7 @@ import logging
 import os
 import select
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,7 @@ HANDSHAKE_TIMEOUT = 30.0
 SHUTDOWN_GRACE = float(os.environ.get("LBD_SHUTDOWN_GRACE", "30"))  # seconds replies get at stop
 SENDFILE_MIN = 64 * 1024  # reads this large go out with sendfile when they can
 LONE_CLIENT_WAIT = 0.0002  # seconds one connection alone may wait for its next request
+LONE_CLIENT_SPIN = float(os.environ.get("LBD_LONE_SPIN_US", "50")) * 1e-6
 IOV_MAX = 1024
 _ids = itertools.count(1)
 
@@ -349,6 +351,8 @@ class Connection:
                 return 0
             if self._stopping:
                 return 0
+            if len(self.server.connections) == 1 and self._spin():
+                continue
             if len(self.server.connections) == 1 and select.select(
                     [self.raw], [], [], LONE_CLIENT_WAIT)[0]:
                 # A lone client waiting for our reply sends its next request
@@ -357,6 +361,17 @@ class Connection:
                 continue
             # stop() shuts the socket down for reading, which wakes this up
             await trio.lowlevel.wait_readable(self.raw)
+
+    def _spin(self) -> bool:
+        if LONE_CLIENT_SPIN <= 0:
+            return False
+        deadline = time.perf_counter() + LONE_CLIENT_SPIN
+        fd = self.raw
+        while time.perf_counter() < deadline:
+            os.sched_yield()
+            if select.select([fd], [], [], 0)[0]:
+                return True
+        return False
 
     async def _send_all(self, data: bytes) -> None:
         self._queue(data)
