@@ -493,7 +493,11 @@ class Connection:
         read_header = P.read_chunk_header
         simple_ok = P.SIMPLE_REPLY.pack
         SIMPLE_MAGIC = P.SIMPLE_REPLY_MAGIC
+        # plain writes may skip _write's checks (the export and stack are
+        # writable and local); re-read per receive since a layer may be pushed
+        batchable = False
         while not self._dead:
+            batchable = not self.readonly and device.local and device.writable
             # parse and serve every complete request in the buffer
             while end - start >= req_size:
                 magic, flags, cmd, handle, offset, length = req.unpack_from(buf, start)
@@ -526,8 +530,15 @@ class Connection:
                             start = 0
                         break
                     self.requests += 1
-                    self._write(flags, handle, offset, length,
-                                mv[start + req_size:start + total])
+                    if (not flags and not (offset | length) & 511 and 0 < length
+                            and offset + length <= size and batchable):
+                        # the hot path: a plain aligned write, committed with the
+                        # others of this receive (_commit_writes)
+                        self._wbatch.append((handle, offset, mv[start + req_size:start + total],
+                                             False))
+                    else:
+                        self._write(flags, handle, offset, length,
+                                    mv[start + req_size:start + total])
                     start += total
                     continue
                 start += req_size
@@ -737,11 +748,15 @@ class Connection:
                 self._write_one(handle, offset, payload, fua)
             return
         durable = []
+        pack = P.SIMPLE_REPLY.pack
+        magic = P.SIMPLE_REPLY_MAGIC
+        out = self._out
         for handle, _, _, fua in batch:
             if fua:
                 durable.append(handle)
             else:
-                self._ok(handle)
+                out.append(pack(magic, 0, handle))
+        self._out_bytes += P.SIMPLE_REPLY.size * (len(batch) - len(durable))
         if durable:
             self._spawn(self._flush_async, P.CMD_WRITE, durable)
 

@@ -441,10 +441,13 @@ class ChangeFile:
             rewrites: list[tuple[Sequence[Buffer], int]] = []
             unsynced = self._unsynced
             for sector, buffers, nbytes in items:
-                crc = 0
-                for b in buffers:
-                    crc = crc32c(b, crc)
-                count = nbytes // SECTOR
+                if len(buffers) == 1:
+                    crc = crc32c(buffers[0])
+                else:
+                    crc = 0
+                    for b in buffers:
+                        crc = crc32c(b, crc)
+                count = nbytes >> 9
                 hit = unsynced.get(sector)
                 if hit is not None and hit[1] == nbytes:
                     runs = self.map.lookup(sector, count)
