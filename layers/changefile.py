@@ -378,6 +378,15 @@ class ChangeFile:
         stop = self.area + AREA_SIZE
         if start < stop and self.io.pread(stop - start, start).strip(b"\0"):
             self.io.pwrite(bytes(stop - start), start)
+        # A lost tail may have opened journal areas past the end of what
+        # survived, full of entries whose sequence numbers would line up
+        # with new ones: a new area there could replay them after the next
+        # crash.  Everything new goes after all data the file holds.
+        fsize = self.io.size()
+        if self.end < fsize:
+            data_end = max((s + n for s, n, is_data in self.io.seek_data_holes(self.end, fsize)
+                            if is_data), default=self.end)
+            self.end = _align(data_end, DATA_ALIGN)
         self.sync()
 
     # -- writing ---------------------------------------------------------------
