@@ -105,7 +105,7 @@ class History:
 
     def prefix(self, p: int) -> History:
         h = History()
-        for start, done, sector, count, is_data in self.entries[:p]:
+        for _start, _done, sector, count, is_data in self.entries[:p]:
             h.add(-1, -1, sector, count, is_data)  # already on disk, before any new record
         return h
 
