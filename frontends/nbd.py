@@ -687,8 +687,8 @@ class Connection:
             return f"flags {flags:#x} not valid for {P.CMD_NAMES[cmd]}"
         if cmd == P.CMD_READ and flags & P.CMDF_DF and not self.structured:
             return "DF requires structured replies"
-        if cmd == P.CMD_FLUSH:
-            return None
+        if cmd == P.CMD_FLUSH:  # offset and length are reserved and MUST be zero
+            return f"FLUSH with offset {offset} and length {length}" if offset or length else None
         if length == 0:
             return f"zero-length {P.CMD_NAMES[cmd]}"
         if cmd == P.CMD_READ and length > MAX_REQUEST:
