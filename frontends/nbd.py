@@ -411,6 +411,10 @@ class Connection:
             self._dead = True
             self._out.clear()
             self._out_bytes = 0
+            try:  # wake the receive loop, which may wait for a client waiting for us
+                self.raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         finally:
             self._sending = False
             if self._out_bytes < OUTPUT_HIGH_WATER:
@@ -716,8 +720,12 @@ class Connection:
                 if length >= SENDFILE_MIN:
                     where = device.locate(offset, length)
                     if where is not None:  # one contiguous piece of one file
-                        self._read_reply(handle, offset, FileSlice(*where, length))
-                        return
+                        piece = FileSlice(*where, length)
+                        # only from the page cache: once its header is out, a read
+                        # error (a bad sector) could not become an EIO reply
+                        if piece.cached():
+                            self._read_reply(handle, offset, piece)
+                            return
                 try:
                     data = device.read(offset, length, nowait=True)
                 except WouldBlock:
