@@ -6,8 +6,9 @@ shows ``BACKING_FILE`` as ``MOUNTPOINT/base.img`` (read and write, no page
 cache: every read reaches this process) and a control file
 ``MOUNTPOINT/ctl``.  Lines written to ``ctl``:
 
-    fail OFFSET LENGTH   reads of base.img that touch the range fail with EIO
-    failwrites           every write to base.img fails with EIO
+    fail OFFSET LENGTH       reads of base.img that touch the range fail with EIO
+    failwrite OFFSET LENGTH  writes of base.img that touch the range fail with EIO
+    failwrites               every write to base.img fails with EIO
     ok                   no more failures
 
 Reading ``ctl`` returns how many reads and writes failed so far.  The
@@ -36,6 +37,7 @@ class FailFS(pyfuse3.Operations):
         super().__init__()
         self.fd = os.open(backing, os.O_RDWR)
         self.fail: list[tuple[int, int]] = []
+        self.fail_write: list[tuple[int, int]] = []
         self.fail_writes = False
         self.failed_reads = 0
         self.failed_writes = 0
@@ -98,14 +100,17 @@ class FailFS(pyfuse3.Operations):
                 words = line.split()
                 if words[:1] == ["fail"]:
                     self.fail.append((int(words[1]), int(words[2])))
+                elif words[:1] == ["failwrite"]:
+                    self.fail_write.append((int(words[1]), int(words[2])))
                 elif words == ["failwrites"]:
                     self.fail_writes = True
                 elif words == ["ok"]:
-                    self.fail, self.fail_writes = [], False
+                    self.fail, self.fail_write, self.fail_writes = [], [], False
                 elif words:
                     raise pyfuse3.FUSEError(errno.EINVAL)
             return len(buf)
-        if self.fail_writes:
+        if self.fail_writes or any(off < start + length and off + len(buf) > start
+                                   for start, length in self.fail_write):
             self.failed_writes += 1
             raise pyfuse3.FUSEError(errno.EIO)
         return os.pwrite(self.fd, buf, off)
@@ -113,7 +118,9 @@ class FailFS(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self.getattr(inode)  # a truncate of ctl (open "w"): nothing to do
+        if inode == IMG and fields.update_size:
+            os.ftruncate(self.fd, attr.st_size)
+        return await self.getattr(inode)  # (a truncate of ctl, by open "w": nothing to do)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         if fh == IMG:
