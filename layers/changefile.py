@@ -586,7 +586,12 @@ class ChangeFile:
             return
         try:
             if clean and self.io.writable:
-                self.write_index()
+                try:
+                    self.write_index()
+                except OSError as exc:  # e.g. a full disk: the journal has everything
+                    log.warning("%s: could not write the index snapshot (%s); the next open "
+                                "replays the journal", self.io.path, exc.strerror or exc)
+                    self.sync()  # the acknowledged writes must still be durable
         finally:
             self.io.close()
 

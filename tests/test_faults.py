@@ -130,11 +130,14 @@ def test_disk_full_enospc_then_space_freed(tmp_path: Path, lbd_server) -> None: 
         # full again, then a stop while full: the index snapshot may not fit
         off3, failures = fill(h, off2, 64 * KiB, acked, rng, size)
         assert failures == 10
+        off3, failures = fill(h, off3, 512, acked, rng, size)  # to the last sector
+        assert failures == 10
         h.shutdown()
         witness.shutdown()
         code = srv.stop()
         assert code == 0, f"lbd serve exited {code} when stopped on a full disk:\n" \
             f"{srv.log()[-3000:]}"
+        assert "could not write the index snapshot" in srv.log(), srv.log()[-3000:]
         no_internal_errors(srv)
         # grow the file system and serve the same change file again: all there
         run(["mount", "-o", "remount,size=64m", str(fs)])
