@@ -29,6 +29,7 @@ import os
 import shlex
 import stat
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -85,7 +86,13 @@ def serve_argv(opts: ServeOptions) -> list[str]:
     """
     argv = ["lbd", "serve", "-s", str(opts.size)]
     for spec in opts.specs:
-        argv += [spec.flag, os.path.abspath(spec.param)]
+        argv += [spec.flag, spec.param if spec.kind == "nbd" else os.path.abspath(spec.param)]
+    nbd = next((s for s in opts.specs if s.kind == "nbd"), None)
+    if nbd is not None:  # the NBD layer options, shared by every NBD layer
+        if nbd.cache:
+            argv += ["--nbd-cache", str(nbd.cache)]
+        if nbd.timeout != 30.0:
+            argv += ["--nbd-timeout", f"{nbd.timeout:g}"]
     for host, port in opts.tcp:
         argv += ["-l", str(port) if host is None else format_address(host, port)]
     for path in opts.unix:
@@ -397,7 +404,7 @@ class Manager:
             specs = svc.opts.specs
             if specs:
                 last = specs[-1]
-                specs[-1] = LayerSpec(last.kind, last.param, False)
+                specs[-1] = replace(last, writable=False)
             specs.append(LayerSpec("expandable", path, True))
             depth = len(device.layers) - 1
             log.info("layer %d added: %s (%s), writable; layer %d %s is now read-only",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import replace
 from typing import Any
 
 import click
@@ -28,11 +29,15 @@ _LAYER_FLAGS = {
     "flat_rw": ("flat", True),
     "exp_ro": ("expandable", False),
     "exp_rw": ("expandable", True),
+    "nbd_ro": ("nbd", False),
+    "nbd_rw": ("nbd", True),
+    "nbd_wb": ("nbd", True),
 }
+_WRITEBACK = {"nbd_wb"}
 
 
 class _OrderedLayers(click.Command):
-    """Keeps the command-line order of the layer flags (-f/-F/-e/-E).
+    """Keeps the command-line order of the layer flags (-f/-F/-e/-E/-n/-N/-X).
 
     Layers stack in the order given, the last on top; click collects each
     option's values separately, so the parser's record of the order in which
@@ -58,7 +63,8 @@ def _layer_specs(ctx: click.Context, params: dict[str, Any]) -> list[LayerSpec]:
     for name in ctx.meta.get("lbd.order", []):
         if queues.get(name):
             kind, writable = _LAYER_FLAGS[name]
-            specs.append(LayerSpec(kind, queues[name].pop(0), writable))
+            specs.append(LayerSpec(kind, queues[name].pop(0), writable,
+                                   writeback=name in _WRITEBACK))
     return specs
 
 
@@ -93,6 +99,21 @@ def main() -> None:
               help="Expandable change file, read-only.")
 @click.option("-E", "exp_rw", multiple=True, metavar="FILE",
               help="Expandable change file, writable (created if missing).")
+@click.option("-n", "nbd_ro", multiple=True, metavar="HOST:PORT|URI",
+              help="Remote NBD export as a layer, read-only (HOST:PORT, [IPv6]:PORT, "
+                   "nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH).")
+@click.option("-N", "nbd_rw", multiple=True, metavar="HOST:PORT|URI",
+              help="Remote NBD export as a layer, writable (write-through).")
+@click.option("-X", "nbd_wb", multiple=True, metavar="HOST:PORT|URI",
+              help="Remote NBD export, writable, with a write-back cache (this server must "
+                   "be its only writer).")
+@click.option("--nbd-cache", "nbd_cache", metavar="SIZE", default=None,
+              help="Memory cache per NBD layer: remote reads for -n (off unless given), "
+                   "reads and writes for -X (default 64m).")
+@click.option("--nbd-timeout", "nbd_timeout", type=click.FloatRange(min=0.1), default=30.0,
+              show_default=True, metavar="SECONDS",
+              help="An NBD layer request without a reply (the remote unreachable) this long "
+                   "fails with EIO.")
 @click.option("-l", "--listen", "listen", multiple=True, metavar="[HOST:]PORT",
               help=f"NBD TCP listener (default port {DEFAULT_NBD_PORT}; a bare port listens "
                    "on all addresses). Repeatable.")
@@ -123,8 +144,9 @@ def main() -> None:
 def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
           listen: tuple[str, ...], unix_paths: tuple[str, ...], export_name: str,
           description: str, readonly: bool, oldstyle: bool, force: bool, manage: str,
-          manage_token: str | None, manage_timeout: float, verbose: int,
-          quiet: bool, **layer_flags: tuple[str, ...]) -> None:
+          manage_token: str | None, manage_timeout: float, nbd_cache: str | None,
+          nbd_timeout: float, verbose: int, quiet: bool,
+          **layer_flags: tuple[str, ...]) -> None:
     """Serve a layered device over NBD.
 
     Layers stack in command-line order, the last one on top; only the top
@@ -157,6 +179,10 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
             raise ConfigError("the device size is required: -s SIZE or -b BLOCKS")
         else:
             size = DEFAULT_SIZE
+        if any(s.kind == "nbd" for s in specs):
+            cache = parse_size(nbd_cache, "--nbd-cache") if nbd_cache else 0
+            specs = [replace(s, cache=cache, timeout=nbd_timeout) if s.kind == "nbd" else s
+                     for s in specs]
         if not specs:
             data_dir = default_data_dir()
             os.makedirs(data_dir, exist_ok=True)
