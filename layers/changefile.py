@@ -167,7 +167,8 @@ class ChangeFile:
         self.reserved = 0  # the file's size: room up to here needs no extension
         # payloads (location -> bytes) written since the last sync started:
         # only these may be rewritten in place
-        self._unsynced: dict[int, int] = {}
+        # first sector -> (loc, nbytes) of payloads that no sync has covered yet
+        self._unsynced: dict[int, tuple[int, int]] = {}
         self.data_bytes = 0
         self.entries = 0
         self.dropped_tail = 0  # entries dropped as torn when opened
@@ -440,15 +441,18 @@ class ChangeFile:
             rewrites: list[tuple[Sequence[Buffer], int]] = []
             unsynced = self._unsynced
             for sector, buffers, nbytes in items:
-                crc = 0
-                for b in buffers:
-                    crc = crc32c(b, crc)
-                count = nbytes // SECTOR
-                if unsynced:
+                if len(buffers) == 1:
+                    crc = crc32c(buffers[0])
+                else:
+                    crc = 0
+                    for b in buffers:
+                        crc = crc32c(b, crc)
+                count = nbytes >> 9
+                hit = unsynced.get(sector)
+                if hit is not None and hit[1] == nbytes:
                     runs = self.map.lookup(sector, count)
                     loc = runs[0][2]
-                    if (len(runs) == 1 and loc is not None and loc >= 0
-                            and unsynced.get(loc) == nbytes):
+                    if len(runs) == 1 and loc == hit[0]:
                         placed.append((sector, count, loc, crc, True))
                         rewrites.append((buffers, loc))
                         continue
@@ -483,7 +487,7 @@ class ChangeFile:
                 return  # all rewrites in place: the map already says where they are
             for sector, count, loc, _crc, in_place in placed:
                 self.map.set(sector, count, loc)
-                unsynced[loc] = count * SECTOR
+                unsynced[sector] = (loc, count * SECTOR)
                 if not in_place:
                     self.data_bytes += count * SECTOR
 

@@ -158,11 +158,12 @@ class ExpandableLayer(Layer):
     def write_batch(self, items: Sequence[tuple[int, Sequence[Buffer], int]]) -> None:
         self._check_writable()
         try:
-            self.cf.write_batch([(off // SECTOR, bufs, n) for off, bufs, n in items])
+            self.cf.write_batch([(off >> 9, bufs, n) for off, bufs, n in items])
         except OSError as exc:
             raise IOFailure.from_oserror(exc, f"writing {self.path}") from exc
         self.writes += len(items)
-        self.written_bytes += sum(n for _, _, n in items)
+        for _, _, n in items:
+            self.written_bytes += n
 
     def zero(self, offset: int, length: int, *, trim: bool, no_hole: bool, fast: bool,
              fua: bool) -> None:

@@ -183,11 +183,17 @@ class Device:
         Used by frontends that receive many writes at once; all of them
         succeed or the batch raises (and the caller may retry one by one).
         """
+        top = self._stack[0]
+        size = self.size
+        batch = []
         for offset, data in items:
-            self._check(offset, len(data), write=True)
-            if (offset | len(data)) & _MASK:
+            n = len(data)
+            if offset < 0 or offset + n > size or not top.writable:
+                self._check(offset, n, write=True)
+            if (offset | n) & _MASK:
                 raise ValueError("write_batch takes sector-aligned writes only")
-        self._stack[0].write_batch([(offset, [data], len(data)) for offset, data in items])
+            batch.append((offset, (data,), n))
+        top.write_batch(batch)
 
     def zero(self, offset: int, length: int, *, trim: bool = False, no_hole: bool = False,
              fast: bool = False, fua: bool = False) -> None:
