@@ -669,6 +669,9 @@ class Connection:
                     if where is not None:  # one contiguous piece of one file
                         self._read_reply(handle, offset, FileSlice(*where, length))
                         return
+                    if not device.local:  # aread tries each layer inline first anyway
+                        self._spawn(self._read_async, handle, offset, length)
+                        return
                 try:
                     data = device.read(offset, length, nowait=True)
                 except WouldBlock:

@@ -31,11 +31,14 @@ import errno
 import itertools
 import logging
 import socket
+import struct
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import trio
 
 from lbd import nbdclient_proto as C
 from lbd import protocol as P
@@ -47,7 +50,8 @@ DEFAULT_PORT = 10809
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 2.0
 CONNECT_TIMEOUT = 10.0
-RECV_BUFFER = 256 * 1024
+PROBE_TIMEOUT = 3.0  # a server that takes one connection (qemu-nbd's default) never answers
+RECV_BUFFER = 64 * 1024  # replies are parsed from here; larger payloads go straight to callers
 
 _NBD_TO_ERRNO = {P.EPERM: errno.EPERM, P.EIO: errno.EIO, P.ENOMEM: errno.ENOMEM,
                  P.EINVAL: errno.EINVAL, P.ENOSPC: errno.ENOSPC, P.EOVERFLOW: errno.EOVERFLOW,
@@ -137,8 +141,8 @@ _PENDING, _DONE, _LOST = 0, 1, 2
 class Request:
     """One NBD request: for READ, ``view`` receives the data; for WRITE, ``payload``."""
 
-    __slots__ = ("cmd", "descs", "error", "flags", "length", "lock", "message", "offset",
-                 "payload", "state", "view")
+    __slots__ = ("cmd", "descs", "error", "event", "flags", "length", "lock", "message",
+                 "offset", "payload", "state", "view", "wake")
 
     def __init__(self, cmd: int, offset: int, length: int, flags: int = 0,
                  view: memoryview | None = None,
@@ -150,15 +154,40 @@ class Request:
         self.error = 0
         self.message = ""
         self.state = _PENDING
-        self.lock = threading.Lock()
+        self.lock: threading.Lock | None = None  # a thread waits on it (arm)
+        self.event: trio.Event | None = None
+        self.wake: Callable[[], object] = _nothing
 
     def arm(self) -> None:
+        """Ready for (another) submission by a thread, which waits on ``lock``."""
         self.state = _PENDING
         self.error = 0
         self.message = ""
         self.descs = []
         self.lock = threading.Lock()
         self.lock.acquire()
+        self.wake = self.lock.release
+
+    def arm_async(self, token: trio.lowlevel.TrioToken) -> trio.Event:
+        """Ready for submission from the event loop; the reader sets the returned event."""
+        self.state = _PENDING
+        self.error = 0
+        self.message = ""
+        self.descs = []
+        ev = self.event = trio.Event()
+
+        def wake() -> None:
+            try:
+                token.run_sync_soon(ev.set)
+            except trio.RunFinishedError:  # nobody waits any more
+                pass
+
+        self.wake = wake
+        return ev
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Lost(Exception):
@@ -186,32 +215,59 @@ class _Conn:
                                        name=f"nbd-reader {client.target} #{number}")
         self.thread.start()
 
-    def submit(self, req: Request) -> None:
+    def _register(self, req: Request) -> bytes:
         with self.lock:
             if self.dead:
                 raise _Lost
             handle = next(self.client.handles)
             header = self.t.request(req.cmd, handle, req.offset, req.length, req.flags)
             self.inflight[handle] = req
+        return header
+
+    def submit(self, req: Request) -> None:
+        """Send a request (blocking; from a worker thread)."""
         with self.send_lock:
+            header = self._register(req)
+            self._send_or_kill([header, *req.payload])
+
+    def _send_or_kill(self, bufs: list[bytes | bytearray | memoryview]) -> None:
+        try:
+            self._send(bufs)
+        except OSError as exc:
+            # the reader sees the shutdown, and hands every request in flight back
+            self.kill(f"sending failed: {exc}")
+
+    async def asubmit(self, req: Request) -> None:
+        """Send a request from the event loop without blocking it.
+
+        The send lock is taken only if free and the socket takes the bytes
+        at once (a READ is 28 of them); anything else finishes in a thread.
+        """
+        if not self.send_lock.acquire(blocking=False):
+            await trio.to_thread.run_sync(self.submit, req)
+            return
+        try:
+            header = self._register(req)
+            bufs = [header, *req.payload]
+            total = sum(len(b) for b in bufs)
             try:
-                self._send([header, *req.payload])
+                sent = self.sock.sendmsg(bufs, [], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
             except OSError as exc:
-                # the reader sees the shutdown, and hands every request in flight back
                 self.kill(f"sending failed: {exc}")
+                return
+            if sent < total:
+                _trim(bufs, sent)
+                await trio.to_thread.run_sync(self._send_or_kill, bufs)
+        finally:
+            self.send_lock.release()
 
     def _send(self, bufs: list[bytes | bytearray | memoryview]) -> None:
+        # the socket blocks, but SO_SNDTIMEO ends a send the server does not read
         sock = self.sock
         while bufs:
-            sent = sock.sendmsg(bufs[:1024])
-            while sent:
-                n = len(bufs[0])
-                if sent >= n:
-                    sent -= n
-                    bufs.pop(0)
-                else:
-                    bufs[0] = memoryview(bufs[0])[sent:]
-                    sent = 0
+            _trim(bufs, sock.sendmsg(bufs[:1024]))
 
     def kill(self, reason: str) -> None:
         if not self.reason:
@@ -234,15 +290,11 @@ class _Conn:
         self.thread.join(30)
         self.sock.close()
 
-    def _recv_into(self, view: memoryview) -> int:
-        while True:
-            try:
-                n = self.sock.recv_into(view)
-            except TimeoutError:
-                continue  # an idle connection is fine; callers time out on their own
-            if n == 0:
-                raise ConnectionResetError(errno.ECONNRESET, "the server closed the connection")
-            return n
+    def _recv_into(self, view: memoryview, flags: int = 0) -> int:
+        n = self.sock.recv_into(view, 0, flags)  # blocks; kill() shuts the socket down
+        if n == 0:
+            raise ConnectionResetError(errno.ECONNRESET, "the server closed the connection")
+        return n
 
     def _reader(self) -> None:
         buf = bytearray(RECV_BUFFER)
@@ -267,7 +319,8 @@ class _Conn:
                         dest = req.view[start:start + ev.length]
                         pos = t.take(dest)
                         while pos < ev.length:
-                            n = self._recv_into(dest[pos:])
+                            # the rest straight from the socket, in one wait if it can
+                            n = self._recv_into(dest[pos:], socket.MSG_WAITALL)
                             t.skip_payload(n)
                             pos += n
                     elif typ is ReplyDone:
@@ -275,7 +328,7 @@ class _Conn:
                             req = inflight.pop(ev.handle)
                         req.error = ev.error
                         req.state = _DONE
-                        req.lock.release()
+                        req.wake()
                     elif isinstance(ev, C.ReplyHole):
                         req = inflight[ev.handle]
                         assert req.view is not None
@@ -303,8 +356,233 @@ class _Conn:
                 inflight.clear()
             for req in lost:
                 req.state = _LOST
-                req.lock.release()
+                req.wake()
             self.client._lost(self, self.reason or reason)
+
+
+def _trim(bufs: list[bytes | bytearray | memoryview], sent: int) -> None:
+    """Drop ``sent`` bytes from the front of ``bufs``."""
+    while sent:
+        n = len(bufs[0])
+        if sent >= n:
+            sent -= n
+            bufs.pop(0)
+        else:
+            bufs[0] = memoryview(bufs[0])[sent:]
+            sent = 0
+
+
+class _Call:
+    """The requests of one :meth:`RemoteClient.acall` on the event loop's connection."""
+
+    __slots__ = ("event", "remaining")
+
+    def __init__(self, n: int) -> None:
+        self.remaining = n
+        self.event = trio.Event()
+
+    def one_done(self) -> None:
+        self.remaining -= 1
+        if not self.remaining:
+            self.event.set()
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _AsyncConn:
+    """A connection used only from the event loop (reads), with no thread.
+
+    Whoever waits for a reply and finds nobody reading becomes the reader:
+    it receives and hands out every reply (read payloads straight into
+    their buffers) until its own requests are answered, then wakes another
+    waiter to take over.  No locks: it all runs on one trio loop.  Any
+    failure, and a reader cancelled mid-reply, drops the connection; its
+    requests are then sent again on a new one.
+    """
+
+    def __init__(self, client: RemoteClient, sock: socket.socket, export: C.RemoteExport,
+                 leftover: bytes) -> None:
+        sock.setblocking(False)
+        self.client = client
+        self.sock = sock
+        self.export = export
+        self.t = C.ClientTransmission(export.structured)
+        self.t.receive_data(leftover)
+        self.alloc_id = export.allocation_context
+        self.inflight: dict[int, tuple[Request, _Call]] = {}
+        self.waiting: list[_Call] = []
+        self.dead = False
+        self.reason = ""
+        self.reading = False
+        self.sending = False
+        self.out: list[bytes | bytearray | memoryview] = []
+        self.buf = bytearray(RECV_BUFFER)
+
+    def kill(self, reason: str) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        self.reason = reason
+        log.info("nbd remote %s: event-loop connection dropped: %s", self.client.target, reason)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        lost = list(self.inflight.values())
+        self.inflight.clear()
+        self.t.fail_all()
+        for req, call in lost:
+            req.state = _LOST
+            call.one_done()
+
+    def close(self) -> None:
+        if not self.dead:
+            try:
+                self.sock.send(self.t.request(P.CMD_DISC, 0, 0, 0), socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        self.dead = True
+        self.sock.close()
+
+    async def run(self, reqs: list[Request], deadline: float) -> None:
+        """Send ``reqs`` and wait until each is answered or lost (trio time ``deadline``)."""
+        if self.dead:
+            raise _Lost
+        call = _Call(len(reqs))
+        bufs: list[bytes | bytearray | memoryview] = []
+        handles = self.client.handles
+        for r in reqs:
+            r.state = _PENDING
+            r.error = 0
+            r.message = ""
+            r.descs = []
+            h = next(handles)
+            bufs.append(self.t.request(r.cmd, h, r.offset, r.length, r.flags))
+            bufs += r.payload
+            self.inflight[h] = (r, call)
+        await self._send(bufs, deadline)
+        while call.remaining:
+            if not self.reading and not self.dead:
+                self.reading = True
+                try:
+                    await self._read(call, deadline)
+                finally:
+                    self.reading = False
+                    for other in self.waiting:  # pass the reading on
+                        if other.remaining:
+                            other.event.set()
+                            break
+                continue
+            call.event = trio.Event()
+            self.waiting.append(call)
+            try:
+                with trio.move_on_at(deadline):
+                    await call.event.wait()
+            finally:
+                self.waiting.remove(call)
+            if call.remaining and trio.current_time() >= deadline:
+                self._timed_out()
+
+    def _timed_out(self) -> None:
+        self.kill(f"no reply within {self.client.timeout:g} s")
+        raise IOFailure(errno.EIO, f"nbd remote {self.client.target}: no reply within "
+                        f"{self.client.timeout:g} s")
+
+    async def _send(self, bufs: list[bytes | bytearray | memoryview], deadline: float) -> None:
+        self.out += bufs
+        if self.sending:  # another task is sending: it sends these too, in order
+            return
+        self.sending = True
+        sock = self.sock
+        try:
+            # Let the other tasks of this scheduler batch queue their requests
+            # first: one send for all of them wakes the server once.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            bufs, self.out = self.out, []
+            while bufs:
+                try:
+                    _trim(bufs, sock.sendmsg(bufs[:1024]))
+                except BlockingIOError:
+                    with trio.move_on_at(deadline):
+                        await trio.lowlevel.wait_writable(sock)
+                    if trio.current_time() >= deadline:
+                        self._timed_out()
+                if not bufs and self.out:
+                    bufs, self.out = self.out, []
+        except (OSError, trio.ClosedResourceError) as exc:
+            self.kill(f"sending failed: {exc}")
+        except BaseException:
+            self.kill("cancelled while sending")
+            raise
+        finally:
+            self.sending = False
+
+    async def _recv(self, view: memoryview, deadline: float) -> int:
+        sock = self.sock
+        while True:
+            try:
+                n = sock.recv_into(view)
+            except BlockingIOError:
+                with trio.move_on_at(deadline):
+                    await trio.lowlevel.wait_readable(sock)
+                if trio.current_time() >= deadline:
+                    raise _Timeout from None
+                continue
+            if n == 0:
+                raise ConnectionResetError(errno.ECONNRESET, "the server closed the connection")
+            return n
+
+    async def _read(self, call: _Call, deadline: float) -> None:
+        """Receive and hand out replies until ``call``'s are all in."""
+        t = self.t
+        inflight = self.inflight
+        mv = memoryview(self.buf)
+        ReplyData, ReplyDone = C.ReplyData, C.ReplyDone
+        try:
+            while call.remaining and not self.dead:
+                ev = t.next_event()
+                if ev is None:
+                    n = await self._recv(mv, deadline)
+                    t.receive_data(mv[:n])
+                    continue
+                typ = type(ev)
+                if typ is ReplyData:
+                    req = inflight[ev.handle][0]
+                    assert req.view is not None
+                    start = ev.offset - req.offset
+                    dest = req.view[start:start + ev.length]
+                    pos = t.take(dest)
+                    while pos < ev.length:
+                        n = await self._recv(dest[pos:], deadline)
+                        t.skip_payload(n)
+                        pos += n
+                elif typ is ReplyDone:
+                    req, owner = inflight.pop(ev.handle)
+                    req.error = ev.error
+                    req.state = _DONE
+                    owner.one_done()
+                elif isinstance(ev, C.ReplyHole):
+                    req = inflight[ev.handle][0]
+                    assert req.view is not None
+                    start = ev.offset - req.offset
+                    req.view[start:start + ev.length] = bytes(ev.length)
+                elif isinstance(ev, C.ReplyBlockStatus):
+                    if ev.context_id == self.alloc_id:
+                        inflight[ev.handle][0].descs += ev.descriptors
+                elif isinstance(ev, C.ReplyError):
+                    req = inflight[ev.handle][0]
+                    req.message = req.message or ev.message
+        except _Timeout:
+            self._timed_out()
+        except C.RemoteProtocolError as exc:
+            self.kill(f"protocol error from the server: {exc}")
+        except (OSError, trio.ClosedResourceError) as exc:
+            self.kill(getattr(exc, "strerror", None) or str(exc))
+        except BaseException:
+            self.kill("cancelled while reading a reply")
+            raise
 
 
 # -- the client ----------------------------------------------------------------------------
@@ -328,10 +606,31 @@ class RemoteClient:
         self._cond = threading.Condition()
         self._closed = False
         self._supervisor: threading.Thread | None = None
+        # the event loop's connections (reads), made at open; an empty list
+        # when the server takes only one connection: reads then use threads
+        self.aconns: list[_AsyncConn] = []
+        self.async_slots = 0
+        self._aconn_making: trio.Event | None = None
 
     # -- connecting ------------------------------------------------------------------
 
-    def open(self) -> C.RemoteExport:
+    def _open_async(self, n: int) -> None:
+        """Make the event loop's connections; none if the server takes only one."""
+        made: list[_AsyncConn] = []
+        for _ in range(n):
+            try:
+                sock, export, leftover = self._handshake(PROBE_TIMEOUT)
+            except (OSError, C.HandshakeError, C.RemoteProtocolError) as exc:
+                log.info("nbd remote %s: a second connection failed (%s): reads use worker "
+                         "threads", self.target, exc)
+                for c in made:
+                    c.close()
+                return
+            made.append(_AsyncConn(self, sock, export, leftover))
+        self.aconns = made
+        self.async_slots = n
+
+    def open(self, async_connections: int = 0) -> C.RemoteExport:
         """Connect for the first time; a :class:`ConfigError` says why not."""
         try:
             conn = self._connect()
@@ -341,23 +640,41 @@ class RemoteClient:
                               f"{why}") from None
         self.export = conn.export
         self._install(conn)
+        if not self.writable or conn.export.can(P.TF_CAN_MULTI_CONN):
+            self._open_async(async_connections)
         self._supervisor = threading.Thread(target=self._supervise, daemon=True,
                                             name=f"nbd-reconnect {self.target}")
         self._supervisor.start()
         return conn.export
 
     def _connect(self) -> _Conn:
+        sock, export, leftover = self._handshake()
+        try:
+            # blocking, but a send that the server does not take within the
+            # timeout fails (EAGAIN) instead of hanging the sender for good
+            t = max(self.timeout, 1.0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            struct.pack("@ll", int(t), int(t % 1 * 1e6)))
+            self.connects += 1
+            return _Conn(self, sock, export, leftover, self.connects)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _handshake(self, timeout: float = CONNECT_TIMEOUT
+                   ) -> tuple[socket.socket, C.RemoteExport, bytes]:
+        """Connect and negotiate; a blocking socket, the export, bytes read past it."""
         tgt = self.target
         if tgt.socket_path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(CONNECT_TIMEOUT)
+            sock.settimeout(timeout)
             try:
                 sock.connect(tgt.socket_path)
             except BaseException:
                 sock.close()
                 raise
         else:
-            sock = socket.create_connection((tgt.host, tgt.port), timeout=CONNECT_TIMEOUT)
+            sock = socket.create_connection((tgt.host, tgt.port), timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             hs = C.ClientHandshake(tgt.export)
@@ -373,9 +690,8 @@ class RemoteClient:
             assert export is not None
             if self.export is not None:
                 self._check_same(export)
-            sock.settimeout(max(self.timeout, 1.0))  # sends never block forever
-            self.connects += 1
-            return _Conn(self, sock, export, hs.leftover, self.connects)
+            sock.settimeout(None)
+            return sock, export, hs.leftover
         except BaseException:
             sock.close()
             raise
@@ -482,21 +798,81 @@ class RemoteClient:
                 sent.append(r)
             for r in sent:
                 left = deadline - time.monotonic()
+                assert r.lock is not None
                 if not (left > 0 and r.lock.acquire(timeout=left)):
                     conn.kill(f"no reply within {self.timeout:g} s")
                     raise IOFailure(errno.EIO, f"nbd remote {self.target}: no reply within "
                                     f"{self.timeout:g} s ({P.CMD_NAMES[r.cmd]} at {r.offset})")
-            retry = [r for r in todo if r.state != _DONE or r.error == P.ESHUTDOWN]
-            for r in todo:
-                if r.state == _DONE and r.error and r.error != P.ESHUTDOWN:
-                    code = _NBD_TO_ERRNO.get(r.error, errno.EIO)
-                    raise IOFailure(code, f"nbd remote {self.target}: {P.CMD_NAMES[r.cmd]} "
-                                    f"[{r.offset}, {r.offset + r.length}) failed: "
-                                    f"{r.message or errno.errorcode.get(code, code)}")
-            if retry and any(r.error == P.ESHUTDOWN for r in retry):
-                # the server is going away: wait for the connection to drop
-                conn.kill("the server is shutting down")
-            todo = retry
+            todo = self._finished(conn, todo)
+
+    async def acall(self, reqs: list[Request], timeout: float | None = None) -> None:
+        """:meth:`call` for the event loop: on a connection of its own, without threads."""
+        left = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + left
+        trio_deadline = trio.current_time() + left
+        todo = reqs
+        while todo:
+            conn = await self._aconn_get(deadline)
+            try:
+                await conn.run(todo, trio_deadline)
+            except _Lost:
+                continue
+            todo = self._finished(conn, todo)
+
+    async def _aconn_get(self, deadline: float) -> _AsyncConn:
+        """The least busy event-loop connection; a lost one is made again first."""
+        while True:
+            best = None
+            alive = 0
+            for c in self.aconns:
+                if not c.dead:
+                    alive += 1
+                    if best is None or len(c.inflight) < len(best.inflight):
+                        best = c
+            making = self._aconn_making
+            if best is not None and (alive == self.async_slots or making is not None):
+                return best
+            if making is None:
+                break
+            with trio.move_on_after(max(0.0, deadline - time.monotonic())):
+                await making.wait()
+            if time.monotonic() >= deadline:
+                raise IOFailure(errno.EIO, f"nbd remote {self.target} is unreachable "
+                                f"({self.last_error or 'not connected'})")
+        self._aconn_making = making = trio.Event()
+        try:
+            while True:
+                # the supervisor's connection being up says the remote is reachable
+                await trio.to_thread.run_sync(self._wait_conn, deadline)
+                try:
+                    sock, export, leftover = await trio.to_thread.run_sync(self._handshake)
+                except (OSError, C.HandshakeError, C.RemoteProtocolError) as exc:
+                    self.last_error = (exc.strerror if isinstance(exc, OSError)
+                                       and exc.strerror else str(exc))
+                    await trio.sleep(min(BACKOFF_MAX, max(0.0, deadline - time.monotonic())))
+                    continue
+                if self._closed:
+                    sock.close()
+                    raise IOFailure(errno.EIO, f"nbd remote {self.target}: closed")
+                conn = _AsyncConn(self, sock, export, leftover)
+                self.aconns = [c for c in self.aconns if not c.dead] + [conn]
+                return conn
+        finally:
+            self._aconn_making = None
+            making.set()
+
+    def _finished(self, conn: _Conn, todo: list[Request]) -> list[Request]:
+        """Raise the first server error among ``todo``; return what must be sent again."""
+        for r in todo:
+            if r.state == _DONE and r.error and r.error != P.ESHUTDOWN:
+                code = _NBD_TO_ERRNO.get(r.error, errno.EIO)
+                raise IOFailure(code, f"nbd remote {self.target}: {P.CMD_NAMES[r.cmd]} "
+                                f"[{r.offset}, {r.offset + r.length}) failed: "
+                                f"{r.message or errno.errorcode.get(code, code)}")
+        retry = [r for r in todo if r.state != _DONE or r.error == P.ESHUTDOWN]
+        if any(r.error == P.ESHUTDOWN for r in retry):
+            conn.kill("the server is shutting down")  # reconnect to its successor
+        return retry
 
     def close(self) -> None:
         with self._cond:
@@ -505,5 +881,7 @@ class RemoteClient:
             self._cond.notify_all()
         if conn is not None:
             conn.disconnect()
+        for c in self.aconns:
+            c.close()
         if self._supervisor is not None:
             self._supervisor.join(30)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ DEFAULT_WRITEBACK_CACHE = 64 << 20
 CLOSE_TIMEOUT = 300.0  # how long shutdown keeps trying to write back dirty data
 MAX_REQUEST = 32 << 20  # never more per request, whatever the server allows
 MAX_STATUS = 1 << 30  # block status asks for at most this much at once
+ASYNC_CONNECTIONS = int(os.environ.get("LBD_NBD_CONNECTIONS", "4"))  # event-loop reads
 
 
 class _Reader:
@@ -70,7 +72,10 @@ class NBDLayer(Layer):
         self.flag = "-X" if writeback else "-N" if writable else "-n"
         self.client = RemoteClient(target, timeout=timeout, writable=self.writable,
                                    what=self.flag)
-        export = self.client.open()
+        # Reads from the event loop go on connections of their own (no threads).
+        # A writable remote must promise that every connection sees the others'
+        # writes (CAN_MULTI_CONN); the read-only case needs no promise.
+        export = self.client.open(ASYNC_CONNECTIONS)
         try:
             if export.size != size:
                 raise ConfigError(
@@ -138,10 +143,12 @@ class NBDLayer(Layer):
         mb = self.max_block
         return [(o, min(mb, offset + length - o)) for o in range(offset, offset + length, mb)]
 
-    def _remote_read(self, offset: int, view: memoryview) -> None:
-        reqs = [Request(P.CMD_READ, o, n, view=view[o - offset:o - offset + n])
+    def _read_requests(self, offset: int, view: memoryview) -> list[Request]:
+        return [Request(P.CMD_READ, o, n, view=view[o - offset:o - offset + n])
                 for o, n in self._pieces(offset, len(view))]
-        self.client.call(reqs)
+
+    def _remote_read(self, offset: int, view: memoryview) -> None:
+        self.client.call(self._read_requests(offset, view))
 
     def _remote_write(self, offset: int, buffers: Sequence[Buffer], nbytes: int,
                       fua: bool) -> None:
@@ -208,6 +215,27 @@ class NBDLayer(Layer):
                         cache.end_fill(fill, None)
                         raise
                     cache.end_fill(fill, part)
+        self.reads += 1
+        self.read_bytes += len(view)
+        return []
+
+    async def aread_present(self, offset: int, view: memoryview) -> list[tuple[int, int]]:
+        """The event loop's read: requests go out and replies come back without a thread."""
+        if not self.client.aconns:
+            return await super().aread_present(offset, view)  # a worker thread
+        cache = self.bcache
+        if cache is None:
+            await self.client.acall(self._read_requests(offset, view))
+        else:
+            for o, n in cache.lookup(offset, view):
+                fill = cache.begin_fill(o, n)
+                part = view[o - offset:o - offset + n]
+                try:
+                    await self.client.acall(self._read_requests(o, part))
+                except BaseException:
+                    cache.end_fill(fill, None)
+                    raise
+                cache.end_fill(fill, part)
         self.reads += 1
         self.read_bytes += len(view)
         return []

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar
 
+import trio
+
 from lbd.errors import IOFailure
 
 Buffer = bytes | bytearray | memoryview
@@ -102,6 +104,14 @@ class Layer(ABC):
         the ``(offset, length)`` ranges this layer does not hold, for the
         layer below.
         """
+
+    async def aread_present(self, offset: int, view: memoryview) -> list[tuple[int, int]]:
+        """``read_present`` for the event loop, after ``nowait`` raised WouldBlock.
+
+        By default a worker thread; a remote layer may wait on its network
+        without one.
+        """
+        return await trio.to_thread.run_sync(self.read_present, offset, view, False)
 
     def locate(self, offset: int, length: int) -> tuple[int, int] | bool | None:
         """Where the range lives, if it is one contiguous piece of one file.
