@@ -490,6 +490,13 @@ def _layer_stats(layer: dict[str, Any]) -> str:
     if sp:
         text += (f"; file {sp['file_bytes']} bytes: live {sp['live_bytes']}, "
                  f"dead {sp['dead_bytes']}, zero {sp['zero_bytes']}, {sp['extents']} extents")
+    rm = layer.get("remote")
+    if rm:
+        text += (f"; remote {'connected' if rm['connected'] else 'DISCONNECTED'}, "
+                 f"{rm['reconnects']} reconnects")
+        if "cache" in rm:
+            c = rm["cache"]
+            text += f"; cache {c['hits']} hits, {c['misses']} misses, {c['dirty']} dirty bytes"
     return text
 
 
