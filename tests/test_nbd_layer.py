@@ -60,7 +60,7 @@ def layer_info(srv: LBD) -> list[dict[str, object]]:
 # -- nbdkit ---------------------------------------------------------------------------------
 
 
-def test_nbdkit_memory_base_with_local_changes(lbd_server, remotes: Remotes,
+def test_nbdkit_memory_base_with_local_changes(remotes: Remotes, lbd_server,
                                                tmp_path: Path) -> None:
     """The seed's example: a common image from a remote host, changes saved locally."""
     kit = remotes.nbdkit("memory", f"size={SIZE}")
@@ -90,7 +90,7 @@ print('ok')
     assert "Traceback" not in srv.log()
 
 
-def test_nbdkit_file_whole_image_and_block_status(lbd_server, remotes: Remotes,
+def test_nbdkit_file_whole_image_and_block_status(remotes: Remotes, lbd_server,
                                                   tmp_path: Path) -> None:
     base = sparse_base(tmp_path / "base.img")
     kit = remotes.nbdkit("file", str(base), readonly=True)
@@ -107,7 +107,7 @@ def test_nbdkit_file_whole_image_and_block_status(lbd_server, remotes: Remotes,
     assert out.strip() == sha(base.read_bytes())
 
 
-def test_writable_remote_write_trim_zero_fua(lbd_server, remotes: Remotes,
+def test_writable_remote_write_trim_zero_fua(remotes: Remotes, lbd_server,
                                              tmp_path: Path) -> None:
     img = random_file(tmp_path / "rw.img", SIZE, seed=3)
     kit = remotes.nbdkit("file", str(img))
@@ -133,7 +133,7 @@ print(h.can_trim(), h.can_zero(), h.can_fua())
     srv.stop()
 
 
-def test_ipv6_and_tcp_addresses(lbd_server, remotes: Remotes, tmp_path: Path) -> None:
+def test_ipv6_and_tcp_addresses(remotes: Remotes, lbd_server, tmp_path: Path) -> None:
     base = random_file(tmp_path / "b.img", 4 * MiB, seed=9)
     kit = remotes.nbdkit("file", str(base), readonly=True, tcp="::1")
     port = kit.uri.split("]:")[1].rstrip("/")
@@ -150,7 +150,7 @@ def test_ipv6_and_tcp_addresses(lbd_server, remotes: Remotes, tmp_path: Path) ->
 # -- qemu-nbd and nbd-server -------------------------------------------------------------
 
 
-def test_qemu_nbd_base_and_writable(lbd_server, remotes: Remotes, tmp_path: Path) -> None:
+def test_qemu_nbd_base_and_writable(remotes: Remotes, lbd_server, tmp_path: Path) -> None:
     base = random_file(tmp_path / "q.img", SIZE, seed=11)
     q = remotes.qemu_nbd(base, readonly=True)
     srv = lbd_server(["-s", "32M", "-n", q.uri, "-E", str(tmp_path / "c.lbd")])
@@ -165,7 +165,7 @@ def test_qemu_nbd_base_and_writable(lbd_server, remotes: Remotes, tmp_path: Path
     run(["qemu-io", "-f", "raw", "-c", "read -P 0x3c 1M 2M", q2.uri])
 
 
-def test_qemu_nbd_single_client_default(lbd_server, remotes: Remotes, tmp_path: Path) -> None:
+def test_qemu_nbd_single_client_default(remotes: Remotes, lbd_server, tmp_path: Path) -> None:
     """qemu-nbd's default takes one client: LBD finds its extra connections refused,
     keeps to one, and reads go through worker threads."""
     img = random_file(tmp_path / "one.img", 8 * MiB, seed=13)
@@ -178,7 +178,7 @@ def test_qemu_nbd_single_client_default(lbd_server, remotes: Remotes, tmp_path: 
     assert "reads use worker threads" in srv.log()
 
 
-def test_nbd_server_named_export(lbd_server, remotes: Remotes, tmp_path: Path) -> None:
+def test_nbd_server_named_export(remotes: Remotes, lbd_server, tmp_path: Path) -> None:
     base = random_file(tmp_path / "ns.img", 16 * MiB, seed=17)
     ns = remotes.nbd_server(base, "golden")
     srv = lbd_server(["-s", "16M", "-n", ns.uri, "-E", str(tmp_path / "c.lbd")])
@@ -206,7 +206,7 @@ def lbd_exe_path() -> str:
 # -- LBD on LBD ------------------------------------------------------------------------
 
 
-def test_many_machines_share_one_remote_lbd(lbd_server, remotes: Remotes,
+def test_many_machines_share_one_remote_lbd(remotes: Remotes, lbd_server,
                                             tmp_path: Path) -> None:
     """One LBD serves the golden image; two others use it as their base over NBD,
     each saving its own changes locally (the seed's example, with LBDs only)."""
@@ -230,7 +230,7 @@ def test_many_machines_share_one_remote_lbd(lbd_server, remotes: Remotes,
     assert nbdsh(a2.uri, "print(bytes(h.pread(4, 4 << 20)))").strip() == "b'AAAA'"
 
 
-def test_change_file_moves_between_flat_and_remote(lbd_server, remotes: Remotes,
+def test_change_file_moves_between_flat_and_remote(remotes: Remotes, lbd_server,
                                                    tmp_path: Path) -> None:
     """The remote's identity is the image's content fingerprint, as for a flat file:
     a change file made over the local image fits the remote serving it, and a
@@ -290,7 +290,7 @@ def test_clear_errors(remotes: Remotes, tmp_path: Path) -> None:
     assert not os.path.exists(tmp_path / "c.lbd")
 
 
-def test_management_info_shows_the_remote(lbd_server, remotes: Remotes,
+def test_management_info_shows_the_remote(remotes: Remotes, lbd_server,
                                           tmp_path: Path) -> None:
     kit = remotes.nbdkit("memory", f"size={SIZE}")
     srv = lbd_server(["-s", "32M", "-n", kit.uri, "--nbd-cache", "8m", "--nbd-timeout", "7",
