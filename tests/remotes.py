@@ -62,6 +62,11 @@ class Remote:
         self.start()
 
     def start(self) -> None:
+        for flag in ("-U", "-k"):  # a killed server leaves its socket file behind
+            if flag in self.cmd:
+                stale = self.cmd[self.cmd.index(flag) + 1]
+                if os.path.exists(stale):
+                    os.unlink(stale)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=log,
                                          stderr=subprocess.STDOUT,

@@ -1,0 +1,207 @@
+"""The NBD layer when the remote goes away: fio through the stack while the
+remote is killed (SIGKILL, by PID) and restarted; EIO (never a hang) when it
+stays away; the read cache and the -X write-back cache.
+
+"No acknowledged write is lost" is checked by the remote itself: after LBD
+stops, fio's ``--verify_only`` runs directly against the remote and must find
+every block fio wrote through LBD.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from remotes import Remote, Remotes
+from support import LBD, TOOL_PATH, nbdsh, random_file, require, run
+
+MiB = 1 << 20
+SIZE = 32 * MiB
+
+FIO_WRITE = ["--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=8M", "--numjobs=2",
+             "--offset_increment=16M", "--verify=crc32c", "--randrepeat=1",
+             "--rate_iops=1500"]
+
+
+def fio_cmd(uri: str, *args: str) -> list[str]:
+    require("fio")
+    return ["fio", "--ioengine=nbd", f"--uri={uri}", "--output-format=json", "--name=nbdl",
+            "--verify_state_save=0", *args]
+
+
+def fio_check(p: subprocess.CompletedProcess[str] | tuple[int, str, str]) -> list[dict[str, Any]]:
+    code, out, err = (p.returncode, p.stdout, p.stderr) if not isinstance(p, tuple) else p
+    body = out[out.find("{"):]
+    assert code == 0, f"fio exited {code}\n{err}\n{out[-3000:]}"
+    assert "verify:" not in err and "bad magic" not in err, err
+    jobs = json.loads(body)["jobs"]
+    for j in jobs:
+        assert j["error"] == 0, j
+    return list(jobs)
+
+
+def start_fio(uri: str, *args: str) -> subprocess.Popen[str]:
+    import os
+
+    return subprocess.Popen(fio_cmd(uri, *args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PATH": TOOL_PATH})
+
+
+def outage_during(proc: subprocess.Popen[str], remote: Remote, srv: LBD,
+                  after: float = 1.0, down: float = 1.5) -> tuple[int, str, str]:
+    """Kill the remote ``after`` seconds into the fio run, bring it back ``down`` later."""
+    time.sleep(after)
+    assert proc.poll() is None, "fio finished before the outage: make it longer"
+    remote.kill()
+    time.sleep(down)
+    remote.start()
+    out, err = proc.communicate(timeout=300)
+    log = srv.log()
+    assert "connection lost" in log and "reconnected" in log, log[-3000:]
+    assert "Traceback" not in log, log[-5000:]
+    return proc.returncode, out, err
+
+
+def no_lost_writes(remote_uri: str) -> None:
+    """fio reads back every block it wrote, directly from the remote."""
+    fio_check(run(fio_cmd(remote_uri, *FIO_WRITE, "--verify_only"), check=False,
+                  timeout=300))
+
+
+def test_kill_remote_mid_fio_writable(remotes: Remotes, lbd_server, tmp_path: Path) -> None:
+    img = random_file(tmp_path / "r.img", SIZE, seed=41)
+    kit = remotes.nbdkit("file", str(img))
+    srv = lbd_server(["-s", "32M", "-N", kit.uri, "--nbd-timeout", "60"])
+    proc = start_fio(srv.uri, *FIO_WRITE)
+    jobs = fio_check(outage_during(proc, kit, srv))
+    assert all(j["write"]["io_bytes"] == 8 * MiB for j in jobs)
+    assert srv.stop() == 0
+    no_lost_writes(kit.uri)
+
+
+def test_kill_remote_mid_fio_writeback_cache(remotes: Remotes, lbd_server,
+                                             tmp_path: Path) -> None:
+    """-X with a cache smaller than what fio writes: write-backs under pressure and
+    on fio's periodic FLUSH, across the outage; shutdown writes back the rest."""
+    img = random_file(tmp_path / "x.img", SIZE, seed=42)
+    kit = remotes.nbdkit("file", str(img))
+    srv = lbd_server(["-s", "32M", "-X", kit.uri, "--nbd-cache", "4m",
+                      "--nbd-timeout", "60"])
+    proc = start_fio(srv.uri, *FIO_WRITE, "--fsync=256")
+    fio_check(outage_during(proc, kit, srv))
+    assert srv.stop() == 0
+    no_lost_writes(kit.uri)
+
+
+def test_kill_remote_mid_fio_base_with_change_file(remotes: Remotes, lbd_server,
+                                                   tmp_path: Path) -> None:
+    """-n under a change file: reads of the base wait for the remote and resume."""
+    img = random_file(tmp_path / "b.img", SIZE, seed=43)
+    kit = remotes.nbdkit("file", str(img), readonly=True)
+    srv = lbd_server(["-s", "32M", "-n", kit.uri, "-E", str(tmp_path / "c.lbd"),
+                      "--nbd-timeout", "60"])
+    proc = start_fio(srv.uri, "--rw=randrw", "--bs=16k", "--iodepth=16", "--size=8M",
+                     "--numjobs=2", "--offset_increment=16M", "--verify=crc32c",
+                     "--rate_iops=600", "--time_based", "--runtime=4")
+    fio_check(outage_during(proc, kit, srv))
+
+
+def test_remote_away_longer_than_the_timeout(remotes: Remotes, lbd_server,
+                                             tmp_path: Path) -> None:
+    """EIO after --nbd-timeout, never a hang; local data still served; I/O resumes."""
+    img = random_file(tmp_path / "t.img", SIZE, seed=44)
+    kit = remotes.nbdkit("file", str(img), readonly=True)
+    srv = lbd_server(["-s", "32M", "-n", kit.uri, "-E", str(tmp_path / "c.lbd"),
+                      "--nbd-timeout", "2"])
+    nbdsh(srv.uri, "h.pwrite(b'L' * 65536, 0); h.flush()")
+    kit.kill()
+    t0 = time.monotonic()
+    out = run(["nbdsh", "--base-allocation", "-u", srv.uri, "-c", """
+import nbd
+assert h.pread(65536, 0) == b'L' * 65536   # local: still served
+for off in (8 << 20, 20 << 20):
+    try:
+        h.pread(65536, off)
+    except nbd.Error as e:
+        print(e.errno)
+try:
+    h.block_status(4 << 20, 1 << 20, lambda *a: 0)
+except nbd.Error as e:
+    print(e.errno)
+"""]).stdout
+    assert out.split() == ["EIO", "EIO", "EIO"], out
+    assert time.monotonic() - t0 < 60
+    kit.start()
+    want = img.read_bytes()[8 * MiB:8 * MiB + 65536]
+    deadline = time.monotonic() + 30
+    while True:  # the reconnect backoff is at most 2 s
+        got = run(["nbdsh", "-u", srv.uri, "-c",
+                   "import sys; sys.stdout.buffer.write(h.pread(65536, 8 << 20))"],
+                  check=False, input=b"")
+        if got.returncode == 0:
+            assert got.stdout == want
+            break
+        assert time.monotonic() < deadline, got.stderr
+        time.sleep(0.5)
+    assert srv.stop() == 0
+
+
+def test_read_cache_answers_while_the_remote_is_away(remotes: Remotes, lbd_server,
+                                                     tmp_path: Path) -> None:
+    img = random_file(tmp_path / "c.img", SIZE, seed=45)
+    kit = remotes.nbdkit("file", str(img), readonly=True)
+    srv = lbd_server(["-s", "32M", "-n", kit.uri, "--nbd-cache", "8m", "--nbd-timeout", "2"],
+                     manage=True)
+    data = img.read_bytes()
+    nbdsh(srv.uri, "h.pread(4 << 20, 1 << 20)")
+    kit.kill()
+    script = """
+import hashlib, nbd
+print(hashlib.sha256(h.pread(4 << 20, 1 << 20)).hexdigest())
+print(hashlib.sha256(h.pread(1 << 20, 2 << 20)).hexdigest())
+try:
+    h.pread(65536, 16 << 20)
+except nbd.Error as e:
+    print(e.errno)
+"""
+    import hashlib
+
+    out = nbdsh(srv.uri, script).split()
+    assert out == [hashlib.sha256(data[MiB:5 * MiB]).hexdigest(),
+                   hashlib.sha256(data[2 * MiB:3 * MiB]).hexdigest(), "EIO"]
+
+
+def test_writeback_cache_holds_dirty_data_until_the_remote_flushed(
+        remotes: Remotes, lbd_server, tmp_path: Path) -> None:
+    img = random_file(tmp_path / "w.img", SIZE, seed=46)
+    orig = img.read_bytes()
+    kit = remotes.nbdkit("file", str(img))
+    srv = lbd_server(["-s", "32M", "-X", kit.uri, "--nbd-timeout", "60"])
+    nbdsh(srv.uri, "h.pwrite(b'1' * (1 << 20), 0)")  # no flush
+    assert img.read_bytes()[:MiB] == orig[:MiB]  # still only in LBD's cache
+    nbdsh(srv.uri, "assert h.pread(1 << 20, 0) == b'1' * (1 << 20); h.flush()")
+    assert img.read_bytes()[:MiB] == b"1" * MiB
+    # dirty data written while the remote is away, flushed after it is back
+    kit.kill()
+    nbdsh(srv.uri, "h.pwrite(b'2' * (1 << 20), 4 << 20)")  # acknowledged from the cache
+    flusher = subprocess.Popen(["nbdsh", "-u", srv.uri, "-c", "h.flush(); print('flushed')"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={"PATH": TOOL_PATH})
+    time.sleep(1)
+    assert flusher.poll() is None, "FLUSH returned while the remote was away"
+    kit.start()
+    out, err = flusher.communicate(timeout=120)
+    assert out.strip() == "flushed", err
+    assert img.read_bytes()[4 * MiB:5 * MiB] == b"2" * MiB
+    # the rest goes out at shutdown
+    nbdsh(srv.uri, "h.pwrite(b'3' * 8192, 8 << 20); h.zero(65536, 12 << 20)")
+    assert srv.stop(signal.SIGTERM) == 0
+    data = img.read_bytes()
+    assert data[8 * MiB:8 * MiB + 8192] == b"3" * 8192
+    assert data[12 * MiB:12 * MiB + 65536] == bytes(65536)
+    assert data[16 * MiB:] == orig[16 * MiB:]
