@@ -351,9 +351,11 @@ class Connection:
                 return 0
             if self._stopping:
                 return 0
-            if len(self.server.connections) == 1 and self._spin():
+            # (not with a remote layer: its replies come through the event loop)
+            lone = len(self.server.connections) == 1 and self.device.local
+            if lone and self._spin():
                 continue
-            if len(self.server.connections) == 1 and select.select(
+            if lone and select.select(
                     [self.raw], [], [], LONE_CLIENT_WAIT)[0]:
                 # A lone client waiting for our reply sends its next request
                 # within microseconds: a short wait in the kernel is far

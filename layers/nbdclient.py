@@ -387,19 +387,15 @@ class _Call:
             self.event.set()
 
 
-class _Timeout(Exception):
-    pass
-
-
 class _AsyncConn:
     """A connection used only from the event loop (reads), with no thread.
 
-    Whoever waits for a reply and finds nobody reading becomes the reader:
-    it receives and hands out every reply (read payloads straight into
-    their buffers) until its own requests are answered, then wakes another
-    waiter to take over.  No locks: it all runs on one trio loop.  Any
-    failure, and a reader cancelled mid-reply, drops the connection; its
-    requests are then sent again on a new one.
+    Its replies are read by a trio system task (started on first use), which
+    moves read payloads straight into their buffers and wakes the waiting
+    callers; requests are sent by the callers, those of one scheduler batch
+    in one send.  Everything runs on the one trio loop: no locks.  Any
+    failure drops the connection, and its requests are sent again on a new
+    one; a caller that gets no reply in time drops it too.
     """
 
     def __init__(self, client: RemoteClient, sock: socket.socket, export: C.RemoteExport,
@@ -412,10 +408,9 @@ class _AsyncConn:
         self.t.receive_data(leftover)
         self.alloc_id = export.allocation_context
         self.inflight: dict[int, tuple[Request, _Call]] = {}
-        self.waiting: list[_Call] = []
         self.dead = False
         self.reason = ""
-        self.reading = False
+        self.reader_running = False
         self.sending = False
         self.out: list[bytes | bytearray | memoryview] = []
         self.buf = bytearray(RECV_BUFFER)
@@ -427,7 +422,7 @@ class _AsyncConn:
         self.reason = reason
         log.info("nbd remote %s: event-loop connection dropped: %s", self.client.target, reason)
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader, which ends
         except OSError:
             pass
         lost = list(self.inflight.values())
@@ -450,39 +445,29 @@ class _AsyncConn:
         """Send ``reqs`` and wait until each is answered or lost (trio time ``deadline``)."""
         if self.dead:
             raise _Lost
+        if not self.reader_running:
+            self.reader_running = True
+            trio.lowlevel.spawn_system_task(self._reader, name=f"nbd-reader {self.client.target}")
         call = _Call(len(reqs))
         bufs: list[bytes | bytearray | memoryview] = []
         handles = self.client.handles
+        request = self.t.request
         for r in reqs:
             r.state = _PENDING
             r.error = 0
             r.message = ""
-            r.descs = []
+            if r.descs:
+                r.descs = []
             h = next(handles)
-            bufs.append(self.t.request(r.cmd, h, r.offset, r.length, r.flags))
-            bufs += r.payload
+            bufs.append(request(r.cmd, h, r.offset, r.length, r.flags))
+            if r.payload:
+                bufs += r.payload
             self.inflight[h] = (r, call)
         await self._send(bufs, deadline)
-        while call.remaining:
-            if not self.reading and not self.dead:
-                self.reading = True
-                try:
-                    await self._read(call, deadline)
-                finally:
-                    self.reading = False
-                    for other in self.waiting:  # pass the reading on
-                        if other.remaining:
-                            other.event.set()
-                            break
-                continue
-            call.event = trio.Event()
-            self.waiting.append(call)
-            try:
-                with trio.move_on_at(deadline):
-                    await call.event.wait()
-            finally:
-                self.waiting.remove(call)
-            if call.remaining and trio.current_time() >= deadline:
+        if call.remaining:
+            with trio.move_on_at(deadline):
+                await call.event.wait()
+            if call.remaining:
                 self._timed_out()
 
     def _timed_out(self) -> None:
@@ -519,32 +504,32 @@ class _AsyncConn:
         finally:
             self.sending = False
 
-    async def _recv(self, view: memoryview, deadline: float) -> int:
+    async def _recv(self, view: memoryview) -> int:
         sock = self.sock
         while True:
             try:
                 n = sock.recv_into(view)
             except BlockingIOError:
-                with trio.move_on_at(deadline):
-                    await trio.lowlevel.wait_readable(sock)
-                if trio.current_time() >= deadline:
-                    raise _Timeout from None
+                await trio.lowlevel.wait_readable(sock)
+                if self.dead:
+                    raise ConnectionAbortedError(errno.ECONNABORTED,
+                                                 "connection dropped") from None
                 continue
             if n == 0:
                 raise ConnectionResetError(errno.ECONNRESET, "the server closed the connection")
             return n
 
-    async def _read(self, call: _Call, deadline: float) -> None:
-        """Receive and hand out replies until ``call``'s are all in."""
+    async def _reader(self) -> None:
+        """Receive and hand out every reply until the connection ends."""
         t = self.t
         inflight = self.inflight
         mv = memoryview(self.buf)
         ReplyData, ReplyDone = C.ReplyData, C.ReplyDone
         try:
-            while call.remaining and not self.dead:
+            while not self.dead:
                 ev = t.next_event()
                 if ev is None:
-                    n = await self._recv(mv, deadline)
+                    n = await self._recv(mv)
                     t.receive_data(mv[:n])
                     continue
                 typ = type(ev)
@@ -555,7 +540,7 @@ class _AsyncConn:
                     dest = req.view[start:start + ev.length]
                     pos = t.take(dest)
                     while pos < ev.length:
-                        n = await self._recv(dest[pos:], deadline)
+                        n = await self._recv(dest[pos:])
                         t.skip_payload(n)
                         pos += n
                 elif typ is ReplyDone:
@@ -574,15 +559,18 @@ class _AsyncConn:
                 elif isinstance(ev, C.ReplyError):
                     req = inflight[ev.handle][0]
                     req.message = req.message or ev.message
-        except _Timeout:
-            self._timed_out()
         except C.RemoteProtocolError as exc:
             self.kill(f"protocol error from the server: {exc}")
         except (OSError, trio.ClosedResourceError) as exc:
             self.kill(getattr(exc, "strerror", None) or str(exc))
-        except BaseException:
-            self.kill("cancelled while reading a reply")
+        except trio.Cancelled:
+            self.kill("the event loop is ending")
             raise
+        except Exception as exc:  # a bug: never crash the event loop, never hang callers
+            log.exception("nbd remote %s: reader failed", self.client.target)
+            self.kill(f"internal error: {exc}")
+        finally:
+            self.reader_running = False
 
 
 # -- the client ----------------------------------------------------------------------------
