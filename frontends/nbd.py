@@ -45,6 +45,7 @@ MAX_STATUS_SPAN = 1 << 30  # block status answers at most this much per request
 OUTPUT_HIGH_WATER = 64 << 20  # stop reading requests while this much reply data is queued
 HANDSHAKE_TIMEOUT = 30.0
 SHUTDOWN_GRACE = float(os.environ.get("LBD_SHUTDOWN_GRACE", "30"))  # seconds replies get at stop
+STOP_LINGER = 0.25  # at stop, a connection closes once its client has been quiet this long
 SENDFILE_MIN = 64 * 1024  # reads this large go out with sendfile when they can
 LONE_CLIENT_WAIT = 0.0002  # seconds one connection alone may wait for its next request
 LONE_CLIENT_SPIN = float(os.environ.get("LBD_LONE_SPIN_US", "50")) * 1e-6
@@ -307,6 +308,8 @@ class Connection:
         self.structured = False
         self.contexts: dict[int, str] = {}
         self.requests = 0
+        self.refused = 0  # requests answered ESHUTDOWN because the server is stopping
+        self._park: trio.CancelScope | None = None  # set while the receive waits in the loop
         self._out: list[Any] = []  # buffers and FileSlices
         self._out_bytes = 0
         self._sending = False
@@ -332,12 +335,16 @@ class Connection:
             pass
 
     def stop(self) -> None:
-        """Read no more requests; the ones in flight finish and are answered."""
+        """Serve no new requests; the ones in flight finish and are answered.
+
+        The socket is not shut for reading: a client still sending requests
+        (or the payload of queued writes) would get EPIPE and could lose the
+        replies already on their way.  New requests get NBD_ESHUTDOWN, as the
+        protocol asks, and the connection closes once the client is quiet.
+        """
         self._stopping = True
-        try:
-            self.raw.shutdown(socket.SHUT_RD)  # wakes a receive that is waiting
-        except OSError:
-            pass
+        if self._park is not None:
+            self._park.cancel()
 
     # -- socket plumbing ------------------------------------------------------------
 
@@ -350,6 +357,10 @@ class Connection:
             except (ConnectionResetError, BrokenPipeError):
                 return 0
             if self._stopping:
+                # answer (with ESHUTDOWN) what the client still sends; close once it is quiet
+                with trio.move_on_after(STOP_LINGER):
+                    await trio.lowlevel.wait_readable(self.raw)
+                    continue
                 return 0
             # (not with a remote layer: its replies come through the event loop)
             lone = len(self.server.connections) == 1 and self.device.local
@@ -361,8 +372,9 @@ class Connection:
                 # within microseconds: a short wait in the kernel is far
                 # cheaper than a round trip through the event loop.
                 continue
-            # stop() shuts the socket down for reading, which wakes this up
-            await trio.lowlevel.wait_readable(self.raw)
+            with trio.CancelScope() as self._park:  # stop() cancels it
+                await trio.lowlevel.wait_readable(self.raw)
+            self._park = None
 
     def _spin(self) -> bool:
         if LONE_CLIENT_SPIN <= 0:
@@ -477,7 +489,8 @@ class Connection:
             self._nursery = nursery
             await self._serve(hs.leftover)
         await self._flush()
-        log.info("conn %d (%s): closed after %d requests", self.cid, self.peer, self.requests)
+        log.info("conn %d (%s): closed after %d requests%s", self.cid, self.peer, self.requests,
+                 f" ({self.refused} more refused: shutting down)" if self.refused else "")
 
     async def _serve(self, leftover: bytes) -> None:
         buf = bytearray(RECV_BUFFER)
@@ -500,6 +513,11 @@ class Connection:
         batchable = False
         while not self._dead:
             batchable = not self.readonly and device.local and device.writable
+            if self._stopping:
+                start, end = await self._refuse(buf, mv, start, end)
+                if start < 0:
+                    return
+                continue
             # parse and serve every complete request in the buffer
             while end - start >= req_size:
                 magic, flags, cmd, handle, offset, length = req.unpack_from(buf, start)
@@ -509,6 +527,7 @@ class Connection:
                     return
                 if cmd == P.CMD_WRITE:
                     if length > MAX_REQUEST:
+                        self._commit_writes()  # _discard may reuse the buffer
                         start += req_size
                         start, end = await self._discard(buf, mv, start, end, length)
                         if start < 0:
@@ -583,11 +602,41 @@ class Connection:
                 buf[:end - start] = buf[start:end]
                 end -= start
                 start = 0
-            if self._stopping:
-                return
             n = await self._recv_into(mv[end:])
             if n == 0:
                 return
+            end += n
+
+    async def _refuse(self, buf: bytearray, mv: memoryview, start: int,
+                      end: int) -> tuple[int, int]:
+        """While stopping: answer every complete request in the buffer ESHUTDOWN.
+
+        Returns the new ``(start, end)``, or ``(-1, -1)`` when the connection
+        should close (the client is quiet, gone, or sent DISC).
+        """
+        req = P.REQUEST
+        while True:
+            while end - start >= req.size:
+                magic, _flags, cmd, handle, _offset, length = req.unpack_from(buf, start)
+                if magic != P.REQUEST_MAGIC or cmd == P.CMD_DISC:
+                    return -1, -1
+                start += req.size
+                if cmd == P.CMD_WRITE:
+                    start, end = await self._discard(buf, mv, start, end, length)
+                    if start < 0:
+                        return -1, -1
+                self.refused += 1
+                self._error(cmd, handle, P.ESHUTDOWN, "the server is shutting down")
+            await self._flush()
+            if start == end:
+                start = end = 0
+            elif start:
+                buf[:end - start] = buf[start:end]
+                end -= start
+                start = 0
+            n = await self._recv_into(mv[end:])
+            if n == 0:
+                return -1, -1
             end += n
 
     async def _discard(self, buf: bytearray, mv: memoryview, start: int, end: int,

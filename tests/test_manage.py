@@ -8,6 +8,7 @@ mid-request, never reading replies, too many of them.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -276,10 +277,12 @@ def test_shutdown_while_writes_are_in_flight(lbd_server, tmp_path: Path) -> None
     srv = serve(lbd_server, tmp_path, "-f", str(base), "-E", str(c1))
     out = nbdsh(srv.uri, SHUTDOWN_MID_WRITES.format(port=srv.manage_port)).splitlines()
     done = [int(i) for i in out[0].split()]
-    assert len(done) >= 4 and out[1] in ("[]", "['ENOTCONN']")
+    # requests sent after the stop are refused with ESHUTDOWN; any the server
+    # never read fail with ENOTCONN on the client
+    assert len(done) >= 4 and set(ast.literal_eval(out[1])) <= {"ESHUTDOWN", "ENOTCONN"}
     assert srv.wait(30) == 0
     taken = re.search(r"conn \d+ \(unix\): closed after (\d+) requests", srv.log())
-    assert taken is not None and int(taken.group(1)) == len(done)  # all it read, it answered
+    assert taken is not None and int(taken.group(1)) == len(done)  # all it served, it answered
     again = serve(lbd_server, tmp_path, "-f", str(base), "-e", str(c1))
     check = "; ".join(f"assert h.pread(262144, {i * 262144}) == b'\\x5c' * 262144"
                       for i in done)
