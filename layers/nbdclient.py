@@ -52,6 +52,8 @@ BACKOFF_MAX = 2.0
 CONNECT_TIMEOUT = 10.0
 PROBE_TIMEOUT = 3.0  # a server that takes one connection (qemu-nbd's default) never answers
 RECV_BUFFER = 64 * 1024  # replies are parsed from here; larger payloads go straight to callers
+BIG_READ = 64 * 1024  # reads at least this large ...
+HEADER_RECV = 4096  # ... make the event-loop reader receive this little at a time
 
 _NBD_TO_ERRNO = {P.EPERM: errno.EPERM, P.EIO: errno.EIO, P.ENOMEM: errno.ENOMEM,
                  P.EINVAL: errno.EINVAL, P.ENOSPC: errno.ENOSPC, P.EOVERFLOW: errno.EOVERFLOW,
@@ -414,6 +416,7 @@ class _AsyncConn:
         self.sending = False
         self.out: list[bytes | bytearray | memoryview] = []
         self.buf = bytearray(RECV_BUFFER)
+        self.big_reads = 0  # reads in flight whose payload is worth receiving directly
 
     def kill(self, reason: str) -> None:
         if self.dead:
@@ -428,6 +431,7 @@ class _AsyncConn:
         lost = list(self.inflight.values())
         self.inflight.clear()
         self.t.fail_all()
+        self.big_reads = 0
         for req, call in lost:
             req.state = _LOST
             call.one_done()
@@ -462,6 +466,8 @@ class _AsyncConn:
             bufs.append(request(r.cmd, h, r.offset, r.length, r.flags))
             if r.payload:
                 bufs += r.payload
+            if r.length >= BIG_READ and r.cmd == P.CMD_READ:
+                self.big_reads += 1
             self.inflight[h] = (r, call)
         await self._send(bufs, deadline)
         if call.remaining:
@@ -529,7 +535,9 @@ class _AsyncConn:
             while not self.dead:
                 ev = t.next_event()
                 if ev is None:
-                    n = await self._recv(mv)
+                    # While large reads are out, take little at a time: their
+                    # payloads then go straight to their buffers, not via ours.
+                    n = await self._recv(mv[:HEADER_RECV] if self.big_reads else mv)
                     t.receive_data(mv[:n])
                     continue
                 typ = type(ev)
@@ -547,6 +555,8 @@ class _AsyncConn:
                     req, owner = inflight.pop(ev.handle)
                     req.error = ev.error
                     req.state = _DONE
+                    if req.length >= BIG_READ and req.cmd == P.CMD_READ:
+                        self.big_reads -= 1
                     owner.one_done()
                 elif isinstance(ev, C.ReplyHole):
                     req = inflight[ev.handle][0]

@@ -67,12 +67,18 @@ class Remote:
                 stale = self.cmd[self.cmd.index(flag) + 1]
                 if os.path.exists(stale):
                     os.unlink(stale)
+        if self.pidfile is not None and self.pidfile.exists():
+            self.pidfile.unlink()  # a new daemon, a new PID
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=log,
                                          stderr=subprocess.STDOUT,
                                          env={**os.environ, "PATH": TOOL_PATH})
         if self.pidfile is not None:
             assert self.proc.wait(30) == 0, f"{self.name} failed to start:\n{self.log()}"
+            deadline = time.monotonic() + 30  # the daemon writes it after the parent exits
+            while not (self.pidfile.exists() and self.pidfile.read_text().strip()):
+                assert time.monotonic() < deadline, f"{self.name} wrote no pid file"
+                time.sleep(0.02)
             self.daemon_pid = int(self.pidfile.read_text().split()[0])
         if self.wait_for is not None:
             deadline = time.monotonic() + 30
