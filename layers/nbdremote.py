@@ -119,6 +119,8 @@ class NBDLayer(Layer):
         serving that image, and the other way round.
         """
         if self._identity is None or self.writable:
+            if self.writeback:
+                self._write_back()  # the fingerprint is taken from the remote itself
             self._identity = Identity(ID_IMAGE, fingerprint(_Reader(self), self.size),  # type: ignore[arg-type]
                                       self.target.export or str(self.target))
         return self._identity

@@ -155,6 +155,7 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
     \b
       lbd serve -s 1G -f base.img -E changes.lbd
       lbd serve -b 2097152 -f base.img -e day1.lbd -E day2.lbd -l 10809
+      lbd serve -s 20G -n golden.example:10809 -E local.lbd
 
     With no layer flags, serves a writable 1 GiB device backed by a change
     file in the data directory ($XDG_DATA_HOME/lbd), to try LBD at once.

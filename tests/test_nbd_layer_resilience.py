@@ -205,3 +205,44 @@ def test_writeback_cache_holds_dirty_data_until_the_remote_flushed(
     assert data[8 * MiB:8 * MiB + 8192] == b"3" * 8192
     assert data[12 * MiB:12 * MiB + 65536] == bytes(65536)
     assert data[16 * MiB:] == orig[16 * MiB:]
+
+
+def test_add_layer_over_a_writeback_remote(remotes: Remotes, lbd_server,
+                                           tmp_path: Path) -> None:
+    """``lbd ctl add-layer`` over -X: the dirty data is written back first, so the new
+    change file records the remote as it really is, and the restart line reopens it."""
+    import shlex
+
+    from support import lbd_exe, mgmt
+
+    img = random_file(tmp_path / "a.img", SIZE, seed=47)
+    kit = remotes.nbdkit("file", str(img))
+    srv = lbd_server(["-s", "32M", "-X", kit.uri], manage=True)
+    nbdsh(srv.uri, "h.pwrite(b'D' * (1 << 20), 2 << 20)")  # dirty, in the cache
+    new = tmp_path / "top.lbd"
+    reply = mgmt(srv, "LIVE_ADD_LAYER", str(new))
+    assert reply.kind == "OK", reply
+    assert img.read_bytes()[2 * MiB:3 * MiB] == b"D" * MiB
+    nbdsh(srv.uri, "h.pwrite(b'T' * 512, 0); h.flush()")
+    argv = shlex.split(reply.value["command_line"])
+    assert argv[argv.index("-n") + 1] == kit.uri and argv[argv.index("-E") + 1] == str(new)
+    assert srv.stop() == 0
+    assert img.read_bytes()[:512] != b"T" * 512  # the top layer took that write
+    sock = tmp_path / "again.sock"
+    again = [lbd_exe(), *argv[1:]]
+    again[again.index("--unix") + 1] = str(sock)
+    again[again.index("-a") + 1] = "none"
+    p = subprocess.Popen(again, stderr=subprocess.PIPE, text=True,
+                         env={"PATH": TOOL_PATH})
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert p.poll() is None, p.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        out = nbdsh(f"nbd+unix:///?socket={sock}",
+                    "print(bytes(h.pread(1, 0)), bytes(h.pread(1, 2 << 20)))")
+        assert out.split() == ["b'T'", "b'D'"]
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
