@@ -246,3 +246,92 @@ def test_add_layer_over_a_writeback_remote(remotes: Remotes, lbd_server,
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(60) == 0
+
+
+def test_a_hung_remote_gives_eio_then_recovers(remotes: Remotes, lbd_server,
+                                               tmp_path: Path) -> None:
+    """A remote that stops answering (SIGSTOP) but keeps its connections open."""
+    import os
+
+    img = random_file(tmp_path / "h.img", SIZE, seed=48)
+    kit = remotes.nbdkit("file", str(img))
+    srv = lbd_server(["-s", "32M", "-N", kit.uri, "--nbd-timeout", "2"])
+    nbdsh(srv.uri, "h.pread(4096, 0)")
+    os.kill(kit.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        out = nbdsh(srv.uri, """
+import nbd
+for op in (lambda: h.pread(65536, 1 << 20), lambda: h.pwrite(b'x' * 4096, 0),
+           lambda: h.flush()):
+    try:
+        op()
+        print('ok')
+    except nbd.Error as e:
+        print(e.errno)
+""")
+        assert out.split() == ["EIO", "EIO", "EIO"], out
+        assert time.monotonic() - t0 < 60
+    finally:
+        os.kill(kit.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    want = img.read_bytes()[MiB:MiB + 65536]
+    while True:
+        got = run(["nbdsh", "-u", srv.uri, "-c",
+                   "import sys; sys.stdout.buffer.write(h.pread(65536, 1 << 20))"],
+                  check=False, input=b"")
+        if got.returncode == 0:
+            assert got.stdout == want
+            break
+        assert time.monotonic() < deadline, got.stderr
+        time.sleep(0.5)
+    nbdsh(srv.uri, "h.pwrite(b'y' * 4096, 0); h.flush()")
+    assert img.read_bytes()[:4096] == b"y" * 4096
+    assert "Traceback" not in srv.log()
+
+
+def test_remote_errors_reach_the_client(remotes: Remotes, lbd_server, tmp_path: Path) -> None:
+    """EIO from the remote is EIO to the client, the connection and server go on."""
+    trigger = tmp_path / "fail-now"
+    kit = remotes.nbdkit("--filter=error", "memory", f"size={SIZE}", "error-pread=EIO",
+                         "error-pread-rate=100%", "error-pwrite=ENOSPC",
+                         "error-pwrite-rate=100%", f"error-file={trigger}")
+    srv = lbd_server(["-s", "32M", "-N", kit.uri])
+    trigger.touch()
+    out = nbdsh(srv.uri, """
+import nbd
+for op in (lambda: h.pread(4096, 0), lambda: h.pwrite(b'x' * 4096, 0)):
+    try:
+        op()
+        print('ok')
+    except nbd.Error as e:
+        print(e.errno)
+""")
+    assert out.split() == ["EIO", "ENOSPC"], out
+    trigger.unlink()
+    assert nbdsh(srv.uri, "h.pwrite(b'z' * 4096, 0); print(bytes(h.pread(2, 0)))").strip() \
+        == "b'zz'"
+
+
+def test_requests_are_split_to_the_remotes_maximum(remotes: Remotes, lbd_server,
+                                                   tmp_path: Path) -> None:
+    """A remote that refuses requests over 64 KiB still serves 4 MiB reads and writes."""
+    log = tmp_path / "kit.log"
+    kit = remotes.nbdkit("--filter=log", "--filter=blocksize-policy", "memory", f"size={SIZE}",
+                         f"logfile={log}", "blocksize-minimum=512",
+                         "blocksize-preferred=4096", "blocksize-maximum=65536",
+                         "blocksize-error-policy=error")
+    srv = lbd_server(["-s", "32M", "-N", kit.uri])
+    out = nbdsh(srv.uri, """
+data = bytes(range(256)) * (16 << 10)
+h.pwrite(data, 1 << 20)
+print(h.pread(4 << 20, 1 << 20) == data)
+""")
+    assert out.strip() == "True"
+    import re
+
+    text = log.read_text()
+    counts = [int(c, 16) for c in re.findall(r"(?:Read|Write) id=\d+ offset=0x[0-9a-f]+ "
+                                             r"count=0x([0-9a-f]+)", text)]
+    assert len(counts) >= 128, text[:2000]  # 4 MiB each way, in 64 KiB pieces
+    assert max(counts) == 65536, text[:2000]
