@@ -824,7 +824,7 @@ class Connection:
                 raise IOFailure(errno.EPERM, "read-only export")
             if cmd == P.CMD_WRITE:
                 assert payload is not None
-                await trio.to_thread.run_sync(device.write, offset, payload)
+                await device.awrite(offset, payload)
             elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
                 trim = cmd == P.CMD_TRIM
                 await trio.to_thread.run_sync(

@@ -609,6 +609,7 @@ class RemoteClient:
         self.aconns: list[_AsyncConn] = []
         self.async_slots = 0
         self._aconn_making: trio.Event | None = None
+        self._remake_after = 0.0  # no background remake before this (monotonic time)
 
     # -- connecting ------------------------------------------------------------------
 
@@ -818,7 +819,11 @@ class RemoteClient:
             todo = self._finished(conn, todo)
 
     async def _aconn_get(self, deadline: float) -> _AsyncConn:
-        """The least busy event-loop connection; a lost one is made again first."""
+        """The least busy event-loop connection.
+
+        Lost ones are made again in the background while others are left;
+        with none left, the caller waits for one (until its deadline).
+        """
         while True:
             best = None
             alive = 0
@@ -828,36 +833,68 @@ class RemoteClient:
                     if best is None or len(c.inflight) < len(best.inflight):
                         best = c
             making = self._aconn_making
-            if best is not None and (alive == self.async_slots or making is not None):
+            if best is not None:
+                if alive < self.async_slots and making is None \
+                        and time.monotonic() >= self._remake_after:
+                    self._aconn_making = trio.Event()
+                    trio.lowlevel.spawn_system_task(self._remake_one, self._aconn_making)
                 return best
             if making is None:
                 break
             with trio.move_on_after(max(0.0, deadline - time.monotonic())):
                 await making.wait()
             if time.monotonic() >= deadline:
-                raise IOFailure(errno.EIO, f"nbd remote {self.target} is unreachable "
-                                f"({self.last_error or 'not connected'})")
+                raise self._unreachable()
         self._aconn_making = making = trio.Event()
         try:
             while True:
-                # the supervisor's connection being up says the remote is reachable
-                await trio.to_thread.run_sync(self._wait_conn, deadline)
-                try:
-                    sock, export, leftover = await trio.to_thread.run_sync(self._handshake)
-                except (OSError, C.HandshakeError, C.RemoteProtocolError) as exc:
-                    self.last_error = (exc.strerror if isinstance(exc, OSError)
-                                       and exc.strerror else str(exc))
-                    await trio.sleep(min(BACKOFF_MAX, max(0.0, deadline - time.monotonic())))
-                    continue
-                if self._closed:
-                    sock.close()
-                    raise IOFailure(errno.EIO, f"nbd remote {self.target}: closed")
-                conn = _AsyncConn(self, sock, export, leftover)
-                self.aconns = [c for c in self.aconns if not c.dead] + [conn]
-                return conn
+                conn = await self._make_aconn(deadline)
+                if conn is not None:
+                    return conn
+                if time.monotonic() >= deadline:
+                    raise self._unreachable()
+                await trio.sleep(min(BACKOFF_MAX, max(0.0, deadline - time.monotonic())))
         finally:
             self._aconn_making = None
             making.set()
+
+    def _unreachable(self) -> IOFailure:
+        return IOFailure(errno.EIO, f"nbd remote {self.target} is unreachable "
+                         f"({self.last_error or 'not connected'})")
+
+    async def _remake_one(self, making: trio.Event) -> None:
+        """A system task: replace one lost event-loop connection (one attempt)."""
+        try:
+            if await self._make_aconn(time.monotonic() + CONNECT_TIMEOUT) is None:
+                self._remake_after = time.monotonic() + BACKOFF_MAX
+        except Exception as exc:  # never crash the event loop
+            log.debug("nbd remote %s: remaking a connection failed: %s", self.target, exc)
+            self._remake_after = time.monotonic() + BACKOFF_MAX
+        finally:
+            if self._aconn_making is making:
+                self._aconn_making = None
+            making.set()
+
+    async def _make_aconn(self, deadline: float) -> _AsyncConn | None:
+        """One attempt at a new event-loop connection; None if it failed."""
+        # the supervisor's connection being up says the remote is reachable
+        await trio.to_thread.run_sync(self._wait_conn, deadline)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            sock, export, leftover = await trio.to_thread.run_sync(
+                self._handshake, min(CONNECT_TIMEOUT, left))
+        except (OSError, C.HandshakeError, C.RemoteProtocolError) as exc:
+            self.last_error = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+                               else str(exc))
+            return None
+        if self._closed:
+            sock.close()
+            raise IOFailure(errno.EIO, f"nbd remote {self.target}: closed")
+        conn = _AsyncConn(self, sock, export, leftover)
+        self.aconns = [c for c in self.aconns if not c.dead] + [conn]
+        return conn
 
     def _finished(self, conn: _Conn, todo: list[Request]) -> list[Request]:
         """Raise the first server error among ``todo``; return what must be sent again."""

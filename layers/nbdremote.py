@@ -28,6 +28,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import trio
+
 from lbd import protocol as P
 from lbd.errors import ConfigError, IOFailure, WouldBlock
 from lbd.layer import ID_IMAGE, Buffer, Identity, Layer, State
@@ -289,6 +291,29 @@ class NBDLayer(Layer):
             self._remote_write(offset, buffers, nbytes, fua)
             if self.bcache is not None:
                 self.bcache.drop(offset, nbytes)
+        self.writes += 1
+        self.written_bytes += nbytes
+
+    async def awrite(self, offset: int, buffers: Sequence[Buffer], nbytes: int,
+                     fua: bool) -> None:
+        """-N writes from the event loop go out on its connections, like reads."""
+        if self.writeback or not self.client.aconns:
+            await super().awrite(offset, buffers, nbytes, fua)  # a worker thread
+            return
+        self._dirty = True
+        flags = P.CMDF_FUA if fua and self.export.can(P.TF_SEND_FUA) else 0
+        if nbytes <= self.max_block:
+            reqs = [Request(P.CMD_WRITE, offset, nbytes, flags, payload=list(buffers))]
+        else:
+            whole = b"".join(buffers) if len(buffers) > 1 else buffers[0]
+            mv = memoryview(whole).cast("B")
+            reqs = [Request(P.CMD_WRITE, o, n, flags, payload=[mv[o - offset:o - offset + n]])
+                    for o, n in self._pieces(offset, nbytes)]
+        await self.client.acall(reqs)
+        if self.bcache is not None:
+            self.bcache.drop(offset, nbytes)  # after: a fill racing the write goes stale
+        if fua and not flags:
+            await trio.to_thread.run_sync(self._remote_flush)
         self.writes += 1
         self.written_bytes += nbytes
 

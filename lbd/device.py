@@ -203,6 +203,20 @@ class Device:
             buffers.append(tail)
         top.write(a0, buffers, a1 - a0, fua)
 
+    async def awrite(self, offset: int, data: Buffer) -> None:
+        """:meth:`write` for the event loop (a stack with a remote layer).
+
+        An aligned write is awaited with the top layer's ``awrite`` (a worker
+        thread, or the layer's own asynchronous path); an unaligned one is
+        read-modify-written in a worker thread.
+        """
+        length = len(data)
+        self._check(offset, length, write=True)
+        if length and not (offset | length) & _MASK:
+            await self._stack[0].awrite(offset, [data], length, False)
+        elif length:
+            await trio.to_thread.run_sync(self.write, offset, data)
+
     def write_batch(self, items: list[tuple[int, Buffer]]) -> None:
         """Sector-aligned writes, applied in order, merged where the top layer can.
 

@@ -129,6 +129,11 @@ class Layer(ABC):
     def write(self, offset: int, buffers: Sequence[Buffer], nbytes: int, fua: bool) -> None:
         raise IOFailure(errno.EPERM, f"{self.kind} layer is read-only")
 
+    async def awrite(self, offset: int, buffers: Sequence[Buffer], nbytes: int,
+                     fua: bool) -> None:
+        """``write`` for the event loop; by default in a worker thread."""
+        await trio.to_thread.run_sync(self.write, offset, buffers, nbytes, fua)
+
     def write_batch(self, items: Sequence[tuple[int, Sequence[Buffer], int]]) -> None:
         """Several writes ``(offset, buffers, nbytes)`` in order; layers may merge them."""
         for offset, buffers, nbytes in items:
