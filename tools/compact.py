@@ -1,0 +1,6 @@
+import click
+
+
+@click.command("compact")
+def main() -> None:
+    """placeholder"""

@@ -1,0 +1,6 @@
+import click
+
+
+@click.command("merge")
+def main() -> None:
+    """placeholder"""
