@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 import click
-
-from lbd.errors import ConfigError, CorruptionError, LBDError
-from lbd.extentmap import ZERO, ExtentMap
-from lbd.layer import ID_CHANGE, ID_IMAGE, ID_NONE, Identity
 from lbd.layers import changefile
 from lbd.layers.changefile import ChangeFile
 from lbd.layers.changefile_v1 import V1ChangeFile
 from lbd.layers.fileio import FileIO
 from lbd.layers.flat import fingerprint, image_size
+
+from lbd.errors import ConfigError, CorruptionError, LBDError
+from lbd.extentmap import ZERO, ExtentMap
+from lbd.layer import ID_CHANGE, ID_IMAGE, ID_NONE, Identity
 
 SECTOR = 512
 

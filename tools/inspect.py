@@ -11,19 +11,20 @@ Exit codes (docs/tools.md): 0 clean, 1 error, 2 corruption, 3 leaked space
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
 from typing import Any
 
 import click
+from lbd.layers.changefile import AREA_SIZE, HEADER_SIZE, SECTOR, ChangeFile, Header
+from lbd.layers.changefile_v1 import V1ChangeFile
+from lbd.layers.intent import intent_path, read_intent
 
 from lbd.config import parse_size
 from lbd.errors import ConfigError, CorruptionError, LBDError
 from lbd.extentmap import ZERO
-from lbd.layers.changefile import AREA_SIZE, HEADER_SIZE, SECTOR, ChangeFile, Header
-from lbd.layers.changefile_v1 import V1ChangeFile
-from lbd.layers.intent import intent_path, read_intent
 
 from .common import (
     EXIT_CORRUPT,
@@ -113,8 +114,8 @@ def stack_map(stack: Stack) -> list[dict[str, Any]]:
         if out:
             p = out[-1]
             if (p["state"], p["layer"]) == (state, layer) and p["offset"] + p["length"] == off \
-                    and (file_off is None or p["file_offset"] is not None
-                         and p["file_offset"] + p["length"] == file_off):
+                    and (file_off is None or (p["file_offset"] is not None
+                         and p["file_offset"] + p["length"] == file_off)):
                 p["length"] += n
                 return
         out.append({"offset": off, "length": n, "state": state, "layer": layer,
@@ -217,7 +218,7 @@ def _check_native(f: Opened, problems: list[str], leaks: list[str], notes: list[
         for a, b in reserved:
             pieces.append((a, b, "a header or journal area"))
         pieces.sort()
-        for (a0, a1, what_a), (b0, _b1, what_b) in zip(pieces, pieces[1:]):
+        for (_a0, a1, what_a), (b0, _b1, what_b) in itertools.pairwise(pieces):
             if b0 < a1:
                 problems.append(f"file bytes {b0}..{min(a1, _b1) - 1} are used by both "
                                 f"{what_a} and {what_b}")
