@@ -258,16 +258,19 @@ def render(d: dict[str, Any]) -> str:
     if d.get("created_ns"):
         t = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(d["created_ns"] / 1e9))
         row("created", t)
-    ext = f" in {d['extents']} extents" if "extents" in d else ""
-    row("data", f"{human(d['data_bytes'])}{ext}")
-    row("zero", human(d["zero_bytes"]))
-    row("file size", f"{human(d['file_bytes'])} (allocated {human(d['allocated_bytes'])})")
+    if "data_bytes" in d:
+        ext = f" ({d['extents']} extents with zero)" if "extents" in d else ""
+        row("data", f"{human(d['data_bytes'])}{ext}")
+        row("zero", human(d["zero_bytes"]))
+        row("file size", f"{human(d['file_bytes'])} (allocated {human(d['allocated_bytes'])})")
     if "live_bytes" in d:
         row("live / dead", f"{human(d['live_bytes'])} / {human(d['dead_bytes'])}")
     if "journal" in d:
         j = d["journal"]
-        row("journal", f"{j['entries']} entries, {j['areas']} areas, index snapshot "
-                       f"{'yes' if j['index_snapshot'] else 'no'}")
+        how = "snapshot + " if j["index_snapshot"] else ""
+        row("journal", f"opened from {how}{j['entries']} entries in {j['areas']} area(s)"
+                       + (f", {j['dropped_tail']} torn entries dropped" if j["dropped_tail"]
+                          else ""))
     if "tables" in d:
         row("tables", str(d["tables"]))
     if "unfinished_merge" in d:
