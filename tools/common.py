@@ -214,19 +214,7 @@ class Stack:
             below = f
 
     def overlay(self) -> ExtentMap:
-        """The change files' maps, bottom-up, in one map of encoded locations.
-
-        A data location is ``(index + 1) << LAYER_SHIFT | file offset`` of the
-        change file at ``index`` in :attr:`changes`: contiguity arithmetic
-        still works inside one file and never joins two files.
-        """
-        out = ExtentMap()
-        for i, f in enumerate(self.changes):
-            assert f.cf is not None
-            tag = (i + 1) << LAYER_SHIFT
-            for s, n, loc in f.cf.map:
-                out.set(s, n, loc if loc == ZERO else tag | loc)
-        return out
+        return overlay_of(self.changes)
 
     def close(self) -> None:
         for f in reversed(self.files):
@@ -234,6 +222,22 @@ class Stack:
 
 
 LAYER_SHIFT = 56
+
+
+def overlay_of(files: list[Opened]) -> ExtentMap:
+    """Change files' maps, bottom-up, in one map of encoded locations.
+
+    A data location is ``(index + 1) << LAYER_SHIFT | file offset`` of the
+    file at ``index`` in ``files``: contiguity arithmetic still works inside
+    one file and never joins two files.
+    """
+    out = ExtentMap()
+    for i, f in enumerate(files):
+        assert f.cf is not None
+        tag = (i + 1) << LAYER_SHIFT
+        for s, n, loc in f.cf.map:
+            out.set(s, n, loc if loc == ZERO else tag | loc)
+    return out
 
 
 def decode(loc: int) -> tuple[int, int]:
