@@ -58,6 +58,18 @@ class ToolCommand(click.Command):
             raise
 
 
+def size_option(text: str | None) -> int | None:
+    """``-s SIZE`` as the server parses it (imported late: lbd.config pulls in trio)."""
+    if not text:
+        return None
+    from lbd.config import parse_size
+
+    try:
+        return parse_size(text, "-s")
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def die(prog: str, exc: BaseException) -> NoReturn:
     if isinstance(exc, CorruptionError):
         code = EXIT_CORRUPT

@@ -22,11 +22,19 @@ from lbd.layers.changefile import ChangeFile
 from lbd.layers.fileio import FileIO
 from lbd.layers.intent import refuse_if_unfinished
 
-from lbd.config import parse_size
 from lbd.errors import ConfigError, LBDError
 from lbd.layer import Identity
 
-from .common import EXIT_ERROR, ToolCommand, ToolError, die, human, open_file, overlay_of
+from .common import (
+    EXIT_ERROR,
+    ToolCommand,
+    ToolError,
+    die,
+    human,
+    open_file,
+    overlay_of,
+    size_option,
+)
 from .progress import Progress
 from .transfer import apply_to_change_file, make_plan, ranges_of, read_change_file
 
@@ -178,10 +186,7 @@ def main(path: str, output: str | None, to_native: bool, size_text: str | None,
 
     The result keeps the file's id, so change files on top of it still fit.
     """
-    try:
-        size = parse_size(size_text, "-s") if size_text else None
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+    size = size_option(size_text)
     opts = CompactOptions(path=path, output=output, to_native=to_native, size=size,
                           below=below, verify=verify, progress=progress)
     try:

@@ -22,8 +22,7 @@ from lbd.layers.changefile import AREA_SIZE, HEADER_SIZE, SECTOR, ChangeFile, He
 from lbd.layers.changefile_v1 import V1ChangeFile
 from lbd.layers.intent import intent_path, read_intent
 
-from lbd.config import parse_size
-from lbd.errors import ConfigError, CorruptionError, LBDError
+from lbd.errors import CorruptionError, LBDError
 from lbd.extentmap import ZERO
 
 from .common import (
@@ -40,6 +39,7 @@ from .common import (
     iter_runs,
     open_file,
     open_stack,
+    size_option,
 )
 
 _KIND_NAMES = {0: "none", 1: "change file", 2: "image"}
@@ -334,10 +334,7 @@ def main(files: tuple[str, ...], base: str | None, changes: tuple[str, ...],
 
     A file a running LBD has open for writing is refused (it is locked).
     """
-    try:
-        size = parse_size(size_text, "-s") if size_text else None
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+    size = size_option(size_text)
     if not files and not base and not changes:
         raise click.UsageError("give FILE..., or a stack with -f BASE -e FILE...")
     if files and (base or changes):

@@ -27,8 +27,7 @@ from lbd.layers.changefile import ChangeFile
 from lbd.layers.fileio import FileIO
 from lbd.layers.intent import clear_intent, intent_path, read_intent, write_intent
 
-from lbd.config import parse_size
-from lbd.errors import ConfigError, LBDError
+from lbd.errors import LBDError
 from lbd.layer import Identity
 
 from .common import (
@@ -41,6 +40,7 @@ from .common import (
     human,
     open_stack,
     overlay_of,
+    size_option,
 )
 from .progress import Progress
 from .transfer import (
@@ -364,10 +364,7 @@ def main(base: str | None, changes: tuple[str, ...], output: str | None,
     is killed leaves an intent record (TARGET.lbd-merge): run the same
     command again to finish it.  Files a running LBD has open are refused.
     """
-    try:
-        size = parse_size(size_text, "-s") if size_text else None
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+    size = size_option(size_text)
     if out_format and not output:
         raise click.UsageError("-O needs -o OUT")
     if remove and output:
