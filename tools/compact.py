@@ -30,6 +30,7 @@ from .common import (
     ToolCommand,
     ToolError,
     die,
+    drop_cache,
     human,
     open_file,
     overlay_of,
@@ -143,6 +144,7 @@ def _verify(src: object, plan: object, tmp: str, io_class: type[FileIO]) -> None
 
     assert isinstance(src, Opened) and isinstance(plan, Plan) and src.cf is not None
     new = ChangeFile.open(tmp, writable=False, io_factory=io_class, verify=True)
+    drop_cache(new.io.fd)
     try:
         old_cover = src.cf.map.data_sectors + src.cf.map.zero_sectors
         if new.map.data_sectors + new.map.zero_sectors != old_cover:

@@ -37,6 +37,7 @@ from .common import (
     ToolCommand,
     ToolError,
     die,
+    drop_cache,
     human,
     open_stack,
     overlay_of,
@@ -174,7 +175,7 @@ def _merge_in_place(opts: MergeOptions, io_class: type[FileIO]) -> list[str]:
 
 def _verify_in_place(plan: Plan, overlay: object, sources: list[Opened], target: Opened,
                      opts: MergeOptions) -> None:
-    _drop_cache(target)
+    drop_cache(target.io.fd)
     want = bytearray(8 << 20)
     got = bytearray(8 << 20)
     checked = 0
@@ -190,14 +191,6 @@ def _verify_in_place(plan: Plan, overlay: object, sources: list[Opened], target:
                             f"{off}..{off + n - 1}; the intent record is kept, re-run to redo")
         checked += n
     opts.report.append(f"verified {human(checked)}: {target.path} reads back as merged")
-
-
-def _drop_cache(f: Opened) -> None:
-    """So that a verify reads the disk, not what the merge left in the page cache."""
-    try:
-        os.posix_fadvise(f.io.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
 
 
 # -- to a new file ----------------------------------------------------------------------
@@ -299,9 +292,11 @@ def _verify_new(stack: Stack, overlay: object, plan: Plan, tmp: str, fmt: str,
     got = bytearray(8 << 20)
     if fmt == "raw":
         io = io_class(tmp, writable=False)
+        drop_cache(io.fd)
         ranges = whole_device(stack.size)
     else:
         cf = ChangeFile.open(tmp, writable=False, io_factory=io_class, verify=True)
+        drop_cache(cf.io.fd)
         ranges = ranges_of(plan)
         covered = (cf.map.data_sectors + cf.map.zero_sectors) * 512
         if covered != plan.data_bytes + plan.zero_bytes:
