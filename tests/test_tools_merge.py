@@ -150,6 +150,10 @@ def test_merge_killed_at_random_points_then_rerun(tmp_path: Path, lbd_server) ->
             assert p.returncode == 2 and "interrupted" in p.stderr, p.stderr
             p = tool("inspect", "--check", str(work), check=False)
             assert p.returncode == 2 and "half-merged" in p.stdout
+            # nor is it read as the base of a new image
+            p = tool("merge", "-f", str(work), "-e", str(c1), "-o", str(tmp_path / "x.img"),
+                     check=False)
+            assert p.returncode == 1 and "interrupted" in p.stderr, p.stderr
             out = run(args).stdout  # the re-run finishes the job
             assert "resuming" in out
             assert not intent.exists()

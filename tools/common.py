@@ -23,6 +23,7 @@ from lbd.layers.changefile import ChangeFile
 from lbd.layers.changefile_v1 import V1ChangeFile
 from lbd.layers.fileio import FileIO
 from lbd.layers.flat import fingerprint, image_size
+from lbd.layers.intent import refuse_if_unfinished
 
 from lbd.errors import ConfigError, CorruptionError, LBDError
 from lbd.extentmap import ZERO, ExtentMap
@@ -271,14 +272,22 @@ def _describe(f: Opened | None, ident: Identity) -> str:
 
 def open_stack(base: str | None, changes: list[str], *, size: int | None = None,
                writable: str | None = None, exclusive: bool = False,
-               io_class: type[FileIO] = FileIO) -> Stack:
+               io_class: type[FileIO] = FileIO, half_merged_ok: str | bool = False) -> Stack:
     """Open a base and change files (bottom first); ``writable`` names one to write.
 
     The device size comes from ``size``, else the native change files'
-    headers, else the base; every file must agree.
+    headers, else the base; every file must agree.  A half-merged file (an
+    interrupted lbd-merge into it) is refused, except ``half_merged_ok``
+    (the target a merge resumes; True: all, for lbd-inspect to report).
     """
     if not changes and base is None:
         raise ToolError("nothing to work on: give change files (and -f BASE)")
+    for p in ([base] if base else []) + changes:
+        if half_merged_ok is not True and p != half_merged_ok:
+            try:
+                refuse_if_unfinished(p, "file")
+            except ConfigError as exc:
+                raise ToolError(str(exc)) from None
     opened: list[Opened] = []
     try:
         if size is None:

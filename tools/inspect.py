@@ -415,7 +415,7 @@ def _one(path: str, size: int | None, with_map: bool,
 def _stack(base: str | None, changes: list[str], size: int | None, with_map: bool,
            with_check: bool, force: bool) -> tuple[dict[str, Any] | None, int]:
     try:
-        stack = open_stack(base, changes, size=size)
+        stack = open_stack(base, changes, size=size, half_merged_ok=True)
     except LBDError as exc:
         click.echo(f"lbd-inspect: error: {exc}", err=True)
         return None, EXIT_CORRUPT if isinstance(exc, CorruptionError) else EXIT_ERROR

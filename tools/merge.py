@@ -98,7 +98,7 @@ def _merge_in_place(opts: MergeOptions, io_class: type[FileIO]) -> list[str]:
     rec = read_intent(target_path)
     try:
         stack = open_stack(opts.base, opts.changes, size=opts.size, writable=target_path,
-                           io_class=io_class)
+                           io_class=io_class, half_merged_ok=target_path)
     except ToolError as exc:
         if rec is not None:
             raise ToolError(f"{exc} (an interrupted merge into {target_path} is pending: "
