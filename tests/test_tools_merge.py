@@ -55,6 +55,8 @@ def test_merge_into_new_files(tmp_path: Path, lbd_server) -> None:
     # a flat image of the whole device
     tool("merge", *stack, "-o", str(tmp_path / "flat.img"), "--verify")
     qemu_compare(st.expected_file(), tmp_path / "flat.img")
+    run(["lbd", "merge", *stack, "-o", str(tmp_path / "flat2.img")])  # the same as a subcommand
+    qemu_compare(tmp_path / "flat.img", tmp_path / "flat2.img")
     # one change file replacing c1 + c2; it keeps c2's id
     tool("merge", *stack, "-o", str(tmp_path / "both.lbd"), "--verify")
     both = tool_json("inspect", str(tmp_path / "both.lbd"))
