@@ -202,7 +202,7 @@ def _check_native(f: Opened, problems: list[str], leaks: list[str], notes: list[
         if cf.header.index_area:
             if cf.index_error:
                 problems.append(f"the index snapshot is damaged: {cf.index_error}")
-            elif list(cf.map) != list(full.map):
+            elif list(cf.map.runs()) != list(full.map.runs()):
                 problems.append("the index snapshot disagrees with the journal")
         size = cf.header.device_size
         fsize = full.io.size()
