@@ -1,3 +1,4 @@
 """Shared fixtures: see tests/support.py."""
 
+from fuse_support import fuse  # noqa: F401  (fixture: real FUSE mounts, loop devices)
 from support import lbd_server  # noqa: F401  (fixture)
