@@ -83,7 +83,8 @@ def serve_argv(opts: ServeOptions) -> list[str]:
     mean what they meant to it); the size is given in bytes.  Logging flags
     are not repeated.
     """
-    argv = ["lbd", "serve", "-s", str(opts.size)]
+    mount_only = opts.mount is not None and not opts.tcp and not opts.unix  # `lbd mount`
+    argv = ["lbd", "mount" if mount_only else "serve", "-s", str(opts.size)]
     for spec in opts.specs:
         argv += [spec.flag, os.path.abspath(spec.param)]
     for host, port in opts.tcp:
@@ -92,11 +93,11 @@ def serve_argv(opts: ServeOptions) -> list[str]:
         argv += ["--unix", os.path.abspath(path)]
     if opts.export_name:
         argv += ["-x", opts.export_name]
-    if opts.description:
+    if opts.description and not mount_only:
         argv += ["--description", opts.description]
     if opts.readonly:
         argv.append("--readonly")
-    if opts.oldstyle:
+    if opts.oldstyle and not mount_only:
         argv.append("--oldstyle")
     if opts.force:
         argv.append("--force")
@@ -108,6 +109,9 @@ def serve_argv(opts: ServeOptions) -> list[str]:
             argv += ["--manage-token", os.path.abspath(opts.manage_token)]
         if opts.manage_timeout != IDLE_TIMEOUT:
             argv += ["--manage-timeout", f"{opts.manage_timeout:g}"]
+    if opts.mount is not None:
+        mountpoint = os.path.abspath(opts.mount)
+        argv += [mountpoint] if mount_only else ["--mount", mountpoint]
     return argv
 
 
@@ -437,7 +441,8 @@ class Manager:
             "writable": self._writable(),
             "frontends": [{"type": "nbd", "server": "NBDServer", "export": opts.export_name,
                            "description": opts.description, "readonly": opts.readonly,
-                           "oldstyle": opts.oldstyle, "addresses": list(svc.nbd.addresses)}],
+                           "oldstyle": opts.oldstyle, "addresses": list(svc.nbd.addresses)}]
+            + ([svc.fuse.info()] if svc.fuse is not None else []),
             "management": {"addresses": list(self.addresses), "token": self.token is not None,
                            "idle_timeout": self.idle_timeout,
                            "connections": self.connections},
@@ -456,6 +461,10 @@ class Manager:
         lines = [f"device size: {info['blocks']} blocks ({size} bytes / {size / GiB:.6f} GB)",
                  f"server type: NBDServer ({', '.join(nbd['addresses']) or 'no listener'})"
                  + (", read-only export" if nbd["readonly"] else "")]
+        for fe in info["frontends"][1:]:
+            if fe["type"] == "fuse":
+                lines.append(f"FUSE file: {fe['file']}"
+                             + (", read-only" if fe["readonly"] else ""))
         ports = sorted({a.rsplit(":", 1)[1] for a in self.addresses})
         lines.append(f"management port: {', '.join(ports)} ({', '.join(self.addresses)})"
                      + (", token required" if self.token is not None else ""))
