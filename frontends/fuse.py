@@ -408,6 +408,7 @@ async def _guard(what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> An
 # every call, so it can be replaced; the replacement keeps its contract
 # (True: a request is there; False: the main loop must end).
 
+_WAIT_VERIFIED = {"3.5.0"}  # pyfuse3 versions whose main loop was read for this
 SPIN = float(os.environ.get("LBD_FUSE_SPIN_US", "50")) * 1e-6  # seconds of polling
 WAIT = 0.0002  # then seconds of sleeping in select before the event loop
 
@@ -517,7 +518,8 @@ class FuseFrontend:
                               "and fusermount3 installed?)") from None
         self.mounted = True
         fd = _fuse_fd()
-        if fd is not None and hasattr(pyfuse3, "_wait_fuse_readable"):
+        if fd is not None and pyfuse3.__version__ in _WAIT_VERIFIED and \
+                hasattr(pyfuse3, "_wait_fuse_readable"):
             self._waiter = _Waiter(fd, self.may_spin)
             pyfuse3._wait_fuse_readable = self._waiter.wait
 

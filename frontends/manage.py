@@ -139,7 +139,7 @@ class Manager:
             "PING": self._ping, "SHUTDOWN": self._shutdown,
             "DEVICE_INFO_STRINGS": self._info_strings, "DEVICE_INFO": self._info,
             "LIVE_ADD_LAYER": self._live_add_layer, "CLIENTS": self._clients,
-            "FLUSH": self._flush, "HELP": self._help,
+            "FLUSH": self._flush, "TRIM": self._trim, "HELP": self._help,
         }
         assert set(self._handlers) == set(M.COMMANDS)
 
@@ -297,7 +297,7 @@ class Manager:
             if not _same_secret(req.token, self.token):
                 log.warning("management conn %d (%s): wrong token; closing", cid, peer)
                 raise _Close(M.error(M.AUTH, "wrong token; closing"))
-        level = logging.INFO if req.command in ("SHUTDOWN", "LIVE_ADD_LAYER", "FLUSH") \
+        level = logging.INFO if req.command in ("SHUTDOWN", "LIVE_ADD_LAYER", "FLUSH", "TRIM") \
             else logging.DEBUG
         log.log(level, "management conn %d (%s): %s%s", cid, peer, req.command,
                 f" {req.arg}" if req.arg is not None else "")
@@ -342,6 +342,32 @@ class Manager:
     async def _flush(self, req: M.Request) -> bytes:
         await self.service.device.aflush()
         return M.ok(True)
+
+    async def _trim(self, req: M.Request) -> bytes:
+        """Discard a range: it reads as zeros and the top layer releases its space.
+
+        For the FUSE frontend, which cannot punch holes (pyfuse3 has no
+        fallocate).  Done with FUA, so it is durable when the reply is sent.
+        """
+        assert req.arg is not None
+        device = self.service.device
+        offset, length = M.parse_range(req.arg, device.size)
+        if self.service.stop_requested.is_set():
+            raise M.RequestError(M.SHUTTING_DOWN, "the device is shutting down")
+        if not self._writable():
+            raise M.RequestError(M.READ_ONLY, "the device is read-only"
+                                 + (" (--readonly)" if device.writable else ""))
+
+        def trim() -> None:
+            # WRITE_ZEROES that may punch holes, not an advisory TRIM: the range
+            # must read as zeros afterwards on any top layer
+            device.zero(offset, length, trim=False, no_hole=False, fua=True)
+
+        if device.local:
+            trim()
+        else:
+            await trio.to_thread.run_sync(trim)
+        return M.ok({"offset": offset, "length": length})
 
     async def _help(self, req: M.Request) -> bytes:
         lines = []

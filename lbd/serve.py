@@ -62,6 +62,7 @@ class Service:
 
             self.fuse = FuseFrontend(device, opts.mount, export_name=opts.export_name,
                                      readonly=opts.readonly)
+            self.fuse.may_spin = lambda: not self.nbd.connections  # never delay NBD clients
         self.manager: Manager | None = None
         if opts.manage is not None:
             self.manager = Manager(self, token=token, idle_timeout=opts.manage_timeout)
