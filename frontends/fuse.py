@@ -56,7 +56,8 @@ ROOT = 1  # pyfuse3.ROOT_INODE
 FILE = 2  # the device file's inode when the mountpoint is a directory
 DEFAULT_NAME = "device"
 ATTR_TIMEOUT = 1.0  # seconds the kernel may cache attributes (st_blocks changes)
-BLOCKS_TTL = 1.0  # seconds st_blocks is reused before the extents are counted again
+BLOCKS_TTL = 1.0  # seconds st_blocks is reused at least before the extents are counted again
+BLOCKS_CHUNK = 64 << 20  # bytes of the device counted per block_status call
 FSNAME = "lbd"  # mount source; the type is fuse.lbd
 
 
@@ -192,7 +193,10 @@ class DeviceFS(_Base):  # type: ignore[misc]
         self.started_ns = time.time_ns()
         self.mtime_ns = self.started_ns
         self._blocks = 0
-        self._blocks_at = -BLOCKS_TTL - 1.0
+        self._blocks_at = -1e9  # time.monotonic() of the last count
+        self._blocks_ttl = BLOCKS_TTL
+        self._counting = False
+        self.spawn: Callable[..., Any] | None = None  # starts a background task
         self.opens = 0
         self.requests = {"read": 0, "write": 0, "fsync": 0}
 
@@ -202,23 +206,46 @@ class DeviceFS(_Base):  # type: ignore[misc]
     def writable(self) -> bool:
         return not self.readonly and self.device.writable
 
-    def _allocated_blocks(self) -> int:
-        """512-byte sectors that some layer holds as data (cached for BLOCKS_TTL)."""
-        now = time.monotonic()
-        if now - self._blocks_at > BLOCKS_TTL:
-            total = 0
-            for _pos, n, state, depth in self.device.iter_extents():
+    def count_blocks(self) -> int:
+        """512-byte sectors the topmost layer holding them has as data (a worker thread).
+
+        Counted in chunks, so a change file's lock is never held for long;
+        with a fragmented change file this takes a while (~0.5 s for 100k
+        extents), hence the cache and the background refresh.
+        """
+        t0 = time.monotonic()
+        device = self.device
+        total = 0
+        pos = 0
+        while pos < device.size:
+            n = min(BLOCKS_CHUNK, device.size - pos)
+            for m, state, depth in device.block_status(pos, n):
                 if depth > 0 and state == 1:  # State.DATA
-                    total += n
-            self._blocks = total // 512
-            self._blocks_at = time.monotonic()
+                    total += m
+            pos += n
+        self._blocks = total // 512
+        done = time.monotonic()
+        self._blocks_at = done
+        self._blocks_ttl = max(BLOCKS_TTL, 20 * (done - t0))  # at most ~5% of a core
         return self._blocks
 
+    async def _refresh_blocks(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self.count_blocks)
+        except Exception:
+            log.exception("FUSE: counting the allocated blocks failed")
+        finally:
+            self._counting = False
+
     async def _file_attrs(self) -> Any:
-        if self.device.local or time.monotonic() - self._blocks_at <= BLOCKS_TTL:
-            blocks = self._allocated_blocks()
-        else:
-            blocks = await trio.to_thread.run_sync(self._allocated_blocks)
+        if time.monotonic() - self._blocks_at > self._blocks_ttl and not self._counting:
+            # stale: answer with the last count, count again in the background
+            self._counting = True
+            if self.spawn is not None:
+                self.spawn(self._refresh_blocks)
+            else:
+                await self._refresh_blocks()
+        blocks = self._blocks
         a = pyfuse3.EntryAttributes()
         a.st_ino = self.file_ino
         a.st_mode = stat.S_IFREG | (0o644 if self.writable else 0o444)
@@ -416,7 +443,7 @@ WAIT = 0.0002  # then seconds of sleeping in select before the event loop
 class _Waiter:
     """The replacement for pyfuse3's ``_wait_fuse_readable``.
 
-    Returns True only right after ``select`` saw a request waiting: pyfuse3
+    Returns True only right after ``poll`` saw a request waiting: pyfuse3
     then reads it with no checkpoint in between, so no other task can take
     it first and the blocking read never blocks.  A worker that just
     answered a request takes the next one at once, without a trip through
@@ -435,12 +462,14 @@ class _Waiter:
         self.lock: trio.Lock | None = None
         self.closing = False
         self.streak = 0
+        self._poll = select.poll()  # not select(): it fails for descriptors over 1023
+        self._poll.register(fd, select.POLLIN)
+        self.ready = lambda: bool(self._poll.poll(0))
 
     async def wait(self) -> bool:
-        fd = self.fd
         if self.closing:
             return False
-        if self.streak < self.FAIRNESS and select.select([fd], [], [], 0)[0]:
+        if self.streak < self.FAIRNESS and self.ready():
             self.streak += 1
             return True
         self.streak = 0
@@ -450,24 +479,25 @@ class _Waiter:
             while True:
                 if self.closing:
                     return False
-                if select.select([fd], [], [], 0)[0]:
+                if self.ready():
                     return True
                 if self.may_spin() and self._spin():
                     return True
                 try:
-                    await trio.lowlevel.wait_readable(fd)
+                    await trio.lowlevel.wait_readable(self.fd)
                 except trio.ClosedResourceError:
                     return False
 
     def _spin(self) -> bool:
-        fd = self.fd
         if SPIN > 0:
             deadline = time.perf_counter() + SPIN
             while time.perf_counter() < deadline:
                 os.sched_yield()
-                if select.select([fd], [], [], 0)[0]:
+                if self.ready():
                     return True
-        return bool(select.select([fd], [], [], WAIT)[0])
+        if self.fd < 1024:  # select's limit; poll's timeout is in whole milliseconds
+            return bool(select.select([self.fd], [], [], WAIT)[0])
+        return False
 
 
 def _fuse_fd() -> int | None:
@@ -526,12 +556,19 @@ class FuseFrontend:
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Mount, report the device file's path, serve until shut down or unmounted."""
+        await trio.to_thread.run_sync(self.fs.count_blocks)  # the first st_blocks
         self.mount()
         log.info("FUSE: device file at %s (%s, %d bytes)", self.path,
                  "read-write" if self.fs.writable else "read-only", self.device.size)
         task_status.started(self.path)
         try:
-            await pyfuse3.main()
+            async with trio.open_nursery() as nursery:
+                self.fs.spawn = nursery.start_soon
+                try:
+                    await pyfuse3.main()
+                finally:
+                    self.fs.spawn = None
+                    nursery.cancel_scope.cancel()
         finally:
             self.ended.set()
         if not self.stopping:
