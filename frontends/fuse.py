@@ -198,6 +198,8 @@ class DeviceFS(_Base):  # type: ignore[misc]
         self._counting = False
         self.spawn: Callable[..., Any] | None = None  # starts a background task
         self.opens = 0
+        self._next_fh = 1
+        self._sync_fhs: set[int] = set()  # opened with O_SYNC / O_DSYNC
         self.requests = {"read": 0, "write": 0, "fsync": 0}
 
     # -- attributes ---------------------------------------------------------------------
@@ -345,9 +347,14 @@ class DeviceFS(_Base):  # type: ignore[misc]
         if flags & os.O_ACCMODE != os.O_RDONLY and not self.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
         self.opens += 1
+        fh = self._next_fh
+        self._next_fh += 1
+        if flags & (os.O_SYNC | os.O_DSYNC):
+            self._sync_fhs.add(fh)  # the kernel leaves O_SYNC to us: FLUSH after each write
+        # O_TRUNC is ignored, as a block device ignores it (the size is fixed).
         # direct_io: no page cache, so NBD writes show at once and every
-        # request reaches the engine as it was made
-        return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
+        # request reaches the engine as it was made.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     async def read(self, fh: int, off: int, size: int) -> Any:
         device = self.device
@@ -386,6 +393,8 @@ class DeviceFS(_Base):  # type: ignore[misc]
                 device.write(off, buf)
             else:
                 await trio.to_thread.run_sync(device.write, off, buf)
+            if self._sync_fhs and fh in self._sync_fhs:
+                await device.aflush()
         except Exception as exc:
             raise _fail("write", exc, off, n) from None
         self.mtime_ns = time.time_ns()
@@ -402,7 +411,7 @@ class DeviceFS(_Base):  # type: ignore[misc]
         return None  # close(2): FLUSH is fsync's job, as for any file
 
     async def release(self, fh: int) -> None:
-        return None
+        self._sync_fhs.discard(fh)
 
 
 def _fail(what: str, exc: Exception, off: int, size: int) -> Exception:

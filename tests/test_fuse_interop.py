@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from fuse_support import FuseEnv
 from support import TOOL_PATH, nbdsh, random_file, require, run
 
@@ -146,8 +147,9 @@ def test_fio_verify_on_the_file(fuse: FuseEnv, tmp_path: Path) -> None:
     assert "Traceback" not in m.log()
 
 
-def test_fsync_flushes_the_change_file(fuse: FuseEnv, tmp_path: Path) -> None:
-    """fsync(2) on the FUSE file is the engine's FLUSH: fdatasync of the change file."""
+@pytest.mark.parametrize("how", ["fsync", "O_DSYNC"])
+def test_fsync_flushes_the_change_file(fuse: FuseEnv, tmp_path: Path, how: str) -> None:
+    """fsync(2), or a write to a file opened O_DSYNC, is the engine's FLUSH: fdatasync."""
     require("strace")
     change = tmp_path / "c.lbd"
     m = fuse.mount(["-s", "4M", "-E", str(change)])
@@ -177,9 +179,16 @@ def test_fsync_flushes_the_change_file(fuse: FuseEnv, tmp_path: Path) -> None:
             os.pwrite(fd, b"\x77" * 8192, 0)
             time.sleep(0.5)
             unsynced = trace.read_text() if trace.exists() else ""
-            os.fsync(fd)
+            if how == "fsync":
+                os.fsync(fd)
         finally:
             os.close(fd)
+        if how == "O_DSYNC":
+            fd = os.open(m.file, os.O_RDWR | os.O_DSYNC)
+            try:
+                os.pwrite(fd, b"\x78" * 8192, 8192)
+            finally:
+                os.close(fd)
         time.sleep(0.5)
     finally:
         st.send_signal(signal.SIGINT)
