@@ -45,6 +45,9 @@ def test_shutdown_from_the_manager_unmounts(fuse: FuseEnv, tmp_path: Path) -> No
     assert fuse_info and fuse_info[0]["file"] == str(m.file), info.value["frontends"]
     assert info.value["command"][:2] == ["lbd", "mount"], info.value["command"]
     assert info.value["command"][-1] == str(m.mountpoint)
+    text = mgmt(m, "DEVICE_INFO_STRINGS").lines
+    assert f"FUSE file: {m.file}" in text, text
+    assert text[-1].startswith("restart: lbd mount -s 4194304 -E "), text
     assert mgmt(m, "SHUTDOWN").ok
     assert m.wait() == 0
     assert not is_mounted(m.mountpoint)
