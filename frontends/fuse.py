@@ -44,6 +44,7 @@ import trio
 
 from lbd.device import Device
 from lbd.errors import ConfigError, IOFailure, WouldBlock
+from lbd.layer import State
 
 try:
     import pyfuse3
@@ -164,8 +165,12 @@ def check_mountpoint(path: str) -> bool:
 
 def file_name(export_name: str) -> str:
     """The device file's name inside a directory mountpoint."""
-    name = export_name.strip()
-    if not name or name in (".", "..") or "/" in name or "\0" in name or len(name) > 255:
+    name = export_name
+    if not name:
+        return DEFAULT_NAME
+    if name in (".", "..") or "/" in name or "\0" in name or len(name.encode()) > 255:
+        log.warning("FUSE: the export name %r cannot be a file name; the file is called %s",
+                    name, DEFAULT_NAME)
         return DEFAULT_NAME
     return name
 
@@ -222,7 +227,7 @@ class DeviceFS(_Base):  # type: ignore[misc]
         while pos < device.size:
             n = min(BLOCKS_CHUNK, device.size - pos)
             for m, state, depth in device.block_status(pos, n):
-                if depth > 0 and state == 1:  # State.DATA
+                if depth > 0 and state == State.DATA:
                     total += m
             pos += n
         self._blocks = total // 512
