@@ -62,6 +62,9 @@ def test_export_name_names_the_file(fuse: FuseEnv, tmp_path: Path) -> None:
     assert os.listdir(m.mountpoint) == ["disk0.img"]
     assert not os.path.exists(m.mountpoint / "device")
     assert os.path.getsize(m.file) == 1 * MiB
+    m2 = fuse.mount(["-s", "1M", "-E", str(tmp_path / "d.lbd"), "-x", "disks/0"])
+    assert m2.file == m2.mountpoint / "device"
+    assert "the export name 'disks/0' cannot be a file name" in m2.log()
 
 
 def test_mount_over_a_regular_file(fuse: FuseEnv, tmp_path: Path) -> None:
