@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -138,6 +139,9 @@ def main() -> None:
               show_default=True, metavar="SECONDS",
               help="A management client that sends no complete request for this long is "
                    "disconnected.")
+@click.option("--mount", "mount", metavar="MOUNTPOINT",
+              help="Also show the device as one file through FUSE at MOUNTPOINT, an empty "
+                   "directory or a regular file (docs/fuse.md).")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: every request).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.pass_context
@@ -145,7 +149,7 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
           listen: tuple[str, ...], unix_paths: tuple[str, ...], export_name: str,
           description: str, readonly: bool, oldstyle: bool, force: bool, manage: str,
           manage_token: str | None, manage_timeout: float, nbd_cache: str | None,
-          nbd_timeout: float, verbose: int, quiet: bool,
+          nbd_timeout: float, verbose: int, quiet: bool, mount: str | None = None,
           **layer_flags: tuple[str, ...]) -> None:
     """Serve a layered device over NBD.
 
@@ -192,7 +196,7 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
                 "no layers given: serving the default device, a writable %d MiB change file "
                 "at %s", size >> 20, specs[0].param)
         tcp = [parse_address(a, "-l", None) for a in listen]
-        if not tcp and not unix_paths:
+        if not tcp and not unix_paths and ctx.command.name != "mount":
             tcp = [(None, DEFAULT_NBD_PORT)]
         manage_addr = None if manage.strip().lower() in ("none", "off") else \
             parse_address(manage, "-a", DEFAULT_MANAGE_HOST)
@@ -202,7 +206,7 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
                             export_name=export_name, description=description,
                             readonly=readonly, oldstyle=oldstyle, force=force,
                             manage=manage_addr, manage_token=manage_token,
-                            manage_timeout=manage_timeout)
+                            manage_timeout=manage_timeout, mount=mount)
         code = run(opts)
     except LBDError as exc:
         _die(exc)
@@ -213,6 +217,57 @@ def _die(exc: LBDError) -> None:
     click.echo(f"lbd: error: {exc}", err=True)
     sys.exit(getattr(exc, "exit_code", 1))
 
+
+# `lbd mount`: serve's options without the NBD ones, the management daemon
+# off unless -a is given, and the mountpoint as an argument.
+_NBD_ONLY = {"listen", "unix_paths", "description", "oldstyle", "mount"}
+
+
+def _mount_params() -> list[click.Parameter]:
+    params: list[click.Parameter] = []
+    for p in serve.params:
+        if p.name in _NBD_ONLY:
+            continue
+        if p.name == "manage":
+            p = copy.copy(p)
+            p.default = "none"
+            assert isinstance(p, click.Option)
+            p.help = ("Management daemon address (lbd ctl, docs/management.md); a bare port "
+                      "is on 127.0.0.1; off unless given.")
+        elif p.name == "export_name":
+            p = copy.copy(p)
+            assert isinstance(p, click.Option)
+            p.help = "The device file's name in a directory mountpoint (default: device)."
+            p.show_default = False
+        params.append(p)
+    params.append(click.Argument(["mountpoint"]))
+    return params
+
+
+def _mount(mountpoint: str, **params: Any) -> None:
+    """Show a layered device as one file through FUSE (no NBD server).
+
+    MOUNTPOINT is an empty directory (the device appears in it as a file
+    named after the export, or `device`) or an existing regular file (the
+    device is mounted over it).  Layer flags as for `lbd serve`:
+
+    \b
+      lbd mount -s 1G -f base.img -E changes.lbd /mnt/lbd
+      losetup -f --show /mnt/lbd/device
+
+    Ctrl-C, SIGTERM, `fusermount3 -u MOUNTPOINT` or `lbd ctl shutdown` (with
+    -a) stop it: requests in flight finish, the device is flushed and
+    closed, then unmounted.  `lbd serve --mount` runs this beside the NBD
+    server, on the same device.
+    """
+    assert serve.callback is not None
+    serve.callback(listen=(), unix_paths=(), description="", oldstyle=False,
+                   mount=mountpoint, **params)
+
+
+main.add_command(_OrderedLayers("mount", callback=_mount, params=_mount_params(),
+                                help=_mount.__doc__,
+                                short_help="Show the device as one file through FUSE."))
 
 from lbd.ctl import ctl  # noqa: E402  (the ctl group is its own module)
 
