@@ -362,9 +362,11 @@ class Connection:
                     await trio.lowlevel.wait_readable(self.raw)
                     continue
                 return 0
-            if len(self.server.connections) == 1 and self._spin():
+            # (not with a remote layer: its replies come through the event loop)
+            lone = len(self.server.connections) == 1 and self.device.local
+            if lone and self._spin():
                 continue
-            if len(self.server.connections) == 1 and select.select(
+            if lone and select.select(
                     [self.raw], [], [], LONE_CLIENT_WAIT)[0]:
                 # A lone client waiting for our reply sends its next request
                 # within microseconds: a short wait in the kernel is far
@@ -726,6 +728,9 @@ class Connection:
                         if piece.cached():
                             self._read_reply(handle, offset, piece)
                             return
+                    if not device.local:  # aread tries each layer inline first anyway
+                        self._spawn(self._read_async, handle, offset, length)
+                        return
                 try:
                     data = device.read(offset, length, nowait=True)
                 except WouldBlock:
@@ -827,7 +832,7 @@ class Connection:
                 raise IOFailure(errno.EPERM, "read-only export")
             if cmd == P.CMD_WRITE:
                 assert payload is not None
-                await trio.to_thread.run_sync(device.write, offset, payload)
+                await device.awrite(offset, payload)
             elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
                 trim = cmd == P.CMD_TRIM
                 await trio.to_thread.run_sync(

@@ -57,15 +57,20 @@ def format_address(host: str | None, port: int) -> str:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One layer flag: ``-f``/``-F`` flat, ``-e``/``-E`` expandable."""
+    """One layer flag: ``-f``/``-F`` flat, ``-e``/``-E`` expandable, ``-n``/``-N``/``-X`` NBD."""
 
-    kind: str  # "flat" or "expandable"
+    kind: str  # "flat", "expandable" or "nbd"
     param: str
     writable: bool
+    writeback: bool = False  # nbd: -X, a write-back cache (exclusive access)
+    cache: int = 0  # nbd: --nbd-cache bytes (0: none for -n, the default for -X)
+    timeout: float = 30.0  # nbd: --nbd-timeout seconds
 
     @property
     def flag(self) -> str:
-        letter = {"flat": "f", "expandable": "e"}[self.kind]
+        if self.kind == "nbd" and self.writeback and self.writable:
+            return "-X"
+        letter = {"flat": "f", "expandable": "e", "nbd": "n"}[self.kind]
         return "-" + (letter.upper() if self.writable else letter)
 
 
@@ -83,6 +88,13 @@ def open_layer(spec: LayerSpec, size: int, below: Layer | None, force: bool) -> 
 
     if spec.kind == "flat":
         return FlatLayer(spec.param, size, spec.writable)
+    if spec.kind == "nbd":
+        from lbd.layers.nbdclient import parse_target
+        from lbd.layers.nbdremote import NBDLayer
+
+        return NBDLayer(parse_target(spec.param, spec.flag), size, spec.writable,
+                        writeback=spec.writeback and spec.writable, cache=spec.cache,
+                        timeout=spec.timeout)
     if spec.kind == "expandable":
         ident = below.identity() if below is not None else Identity()
         # only a writable change file (-E) is created when missing; -e opens an existing one

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar
 
+import trio
+
 from lbd.errors import IOFailure
 
 Buffer = bytes | bytearray | memoryview
@@ -103,6 +105,14 @@ class Layer(ABC):
         layer below.
         """
 
+    async def aread_present(self, offset: int, view: memoryview) -> list[tuple[int, int]]:
+        """``read_present`` for the event loop, after ``nowait`` raised WouldBlock.
+
+        By default a worker thread; a remote layer may wait on its network
+        without one.
+        """
+        return await trio.to_thread.run_sync(self.read_present, offset, view, False)
+
     def locate(self, offset: int, length: int) -> tuple[int, int] | bool | None:
         """Where the range lives, if it is one contiguous piece of one file.
 
@@ -118,6 +128,11 @@ class Layer(ABC):
 
     def write(self, offset: int, buffers: Sequence[Buffer], nbytes: int, fua: bool) -> None:
         raise IOFailure(errno.EPERM, f"{self.kind} layer is read-only")
+
+    async def awrite(self, offset: int, buffers: Sequence[Buffer], nbytes: int,
+                     fua: bool) -> None:
+        """``write`` for the event loop; by default in a worker thread."""
+        await trio.to_thread.run_sync(self.write, offset, buffers, nbytes, fua)
 
     def write_batch(self, items: Sequence[tuple[int, Sequence[Buffer], int]]) -> None:
         """Several writes ``(offset, buffers, nbytes)`` in order; layers may merge them."""
