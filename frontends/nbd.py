@@ -136,9 +136,24 @@ class NBDServer:
             if not _is_stale_socket(path):
                 raise OSError(errno.EADDRINUSE, f"{path} exists and is not a stale socket")
             os.unlink(path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(path)
-        sock.listen(128)
+        # Bound under a temporary name and renamed once listening: a client that
+        # sees the socket file can connect (between bind and listen it would be
+        # refused, and a client waiting for the file would fail)
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        tmp = path + "~"
+        if os.path.exists(tmp) and _is_stale_socket(tmp):
+            os.unlink(tmp)  # left by a server that was killed while starting
+        if len(os.fsencode(tmp)) >= 108 or os.path.exists(tmp):
+            tmp = path
+        try:
+            raw.bind(tmp)
+            raw.listen(128)
+            if tmp != path:
+                os.rename(tmp, path)
+        except BaseException:
+            raw.close()
+            raise
+        sock = trio.socket.from_stdlib_socket(raw)
         self.addresses.append(f"nbd+unix:///{self.export_name}?socket={path}")
         task_status.started(path)
         try:
