@@ -35,7 +35,7 @@ from toolsupport import MiB, Stack
 from lbd.config import LayerSpec, build_device
 from lbd.errors import ConfigError
 
-SIZE = 16 * MiB
+SIZE = 8 * MiB
 SECTOR = 512
 LONG = os.environ.get("LBD_LONG_TESTS", "") not in ("", "0")
 STATES = 400 if LONG else 40  # crash points drawn at random (all, when fewer ops)
