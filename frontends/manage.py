@@ -29,6 +29,7 @@ import os
 import shlex
 import stat
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -76,6 +77,22 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def rbd_argv(specs: list[LayerSpec]) -> list[str]:
+    """The --ceph-* options of the RBD layers (shared by all of them)."""
+    ceph = next((s.ceph for s in specs if s.kind == "rbd" and s.ceph is not None), None)
+    if ceph is None:
+        return []
+    argv = []
+    for opt, value in (("--ceph-conf", ceph.conf), ("--ceph-keyring", ceph.keyring)):
+        if value:
+            argv += [opt, os.path.abspath(value)]
+    if ceph.client_id:
+        argv += ["--ceph-id", ceph.client_id]
+    if ceph.timeout != 30.0:
+        argv += ["--ceph-timeout", f"{ceph.timeout:g}"]
+    return argv
+
+
 def serve_argv(opts: ServeOptions) -> list[str]:
     """The ``lbd serve`` command line that opens the stack ``opts`` describes now.
 
@@ -85,7 +102,8 @@ def serve_argv(opts: ServeOptions) -> list[str]:
     """
     argv = ["lbd", "serve", "-s", str(opts.size)]
     for spec in opts.specs:
-        argv += [spec.flag, os.path.abspath(spec.param)]
+        argv += [spec.flag, spec.param if spec.kind == "rbd" else os.path.abspath(spec.param)]
+    argv += rbd_argv(opts.specs)
     for host, port in opts.tcp:
         argv += ["-l", str(port) if host is None else format_address(host, port)]
     for path in opts.unix:
@@ -397,7 +415,7 @@ class Manager:
             specs = svc.opts.specs
             if specs:
                 last = specs[-1]
-                specs[-1] = LayerSpec(last.kind, last.param, False)
+                specs[-1] = replace(last, writable=False)
             specs.append(LayerSpec("expandable", path, True))
             depth = len(device.layers) - 1
             log.info("layer %d added: %s (%s), writable; layer %d %s is now read-only",

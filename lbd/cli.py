@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import replace
 from typing import Any
 
 import click
@@ -28,11 +29,13 @@ _LAYER_FLAGS = {
     "flat_rw": ("flat", True),
     "exp_ro": ("expandable", False),
     "exp_rw": ("expandable", True),
+    "rbd_ro": ("rbd", False),
+    "rbd_rw": ("rbd", True),
 }
 
 
 class _OrderedLayers(click.Command):
-    """Keeps the command-line order of the layer flags (-f/-F/-e/-E).
+    """Keeps the command-line order of the layer flags (-f/-F/-e/-E/-c/-C).
 
     Layers stack in the order given, the last on top; click collects each
     option's values separately, so the parser's record of the order in which
@@ -93,6 +96,19 @@ def main() -> None:
               help="Expandable change file, read-only.")
 @click.option("-E", "exp_rw", multiple=True, metavar="FILE",
               help="Expandable change file, writable (created if missing).")
+@click.option("-c", "rbd_ro", multiple=True, metavar="rbd:POOL/IMAGE[@SNAP]",
+              help="Ceph RBD image or snapshot, read-only (docs/rbd.md).")
+@click.option("-C", "rbd_rw", multiple=True, metavar="rbd:POOL/IMAGE",
+              help="Ceph RBD image, writable.")
+@click.option("--ceph-conf", metavar="FILE",
+              help="ceph.conf for RBD layers (default: $CEPH_CONF, /etc/ceph/ceph.conf).")
+@click.option("--ceph-id", metavar="USER",
+              help="Ceph client id for RBD layers, without 'client.' (default: admin).")
+@click.option("--ceph-keyring", metavar="FILE",
+              help="Keyring for RBD layers (default: the one ceph.conf names).")
+@click.option("--ceph-timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+              metavar="SECONDS",
+              help="Connecting to Ceph, and every RBD operation, fails after this long.")
 @click.option("-l", "--listen", "listen", multiple=True, metavar="[HOST:]PORT",
               help=f"NBD TCP listener (default port {DEFAULT_NBD_PORT}; a bare port listens "
                    "on all addresses). Repeatable.")
@@ -123,7 +139,8 @@ def main() -> None:
 def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
           listen: tuple[str, ...], unix_paths: tuple[str, ...], export_name: str,
           description: str, readonly: bool, oldstyle: bool, force: bool, manage: str,
-          manage_token: str | None, manage_timeout: float, verbose: int,
+          manage_token: str | None, manage_timeout: float, ceph_conf: str | None,
+          ceph_id: str | None, ceph_keyring: str | None, ceph_timeout: float, verbose: int,
           quiet: bool, **layer_flags: tuple[str, ...]) -> None:
     """Serve a layered device over NBD.
 
@@ -157,6 +174,11 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
             raise ConfigError("the device size is required: -s SIZE or -b BLOCKS")
         else:
             size = DEFAULT_SIZE
+        if any(s.kind == "rbd" for s in specs):
+            from lbd.layers.rbd import CephOptions
+
+            ceph = CephOptions(ceph_conf, ceph_id, ceph_keyring, ceph_timeout)
+            specs = [replace(s, ceph=ceph) if s.kind == "rbd" else s for s in specs]
         if not specs:
             data_dir = default_data_dir()
             os.makedirs(data_dir, exist_ok=True)

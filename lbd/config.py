@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lbd.device import Device
 from lbd.errors import ConfigError
 from lbd.layer import Identity, Layer
+
+if TYPE_CHECKING:
+    from lbd.layers.rbd import CephOptions
 
 SECTOR = 512
 _SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
@@ -59,13 +63,14 @@ def format_address(host: str | None, port: int) -> str:
 class LayerSpec:
     """One layer flag: ``-f``/``-F`` flat, ``-e``/``-E`` expandable."""
 
-    kind: str  # "flat" or "expandable"
+    kind: str  # "flat", "expandable" or "rbd"
     param: str
     writable: bool
+    ceph: CephOptions | None = None  # rbd (-c/-C): --ceph-conf, --ceph-id, ...
 
     @property
     def flag(self) -> str:
-        letter = {"flat": "f", "expandable": "e"}[self.kind]
+        letter = {"flat": "f", "expandable": "e", "rbd": "c"}[self.kind]
         return "-" + (letter.upper() if self.writable else letter)
 
 
@@ -83,6 +88,11 @@ def open_layer(spec: LayerSpec, size: int, below: Layer | None, force: bool) -> 
 
     if spec.kind == "flat":
         return FlatLayer(spec.param, size, spec.writable)
+    if spec.kind == "rbd":
+        from lbd.layers.rbd import RBDLayer, parse_target
+
+        return RBDLayer(parse_target(spec.param, spec.flag), size, spec.writable, spec.ceph,
+                        spec.flag)
     if spec.kind == "expandable":
         ident = below.identity() if below is not None else Identity()
         # only a writable change file (-E) is created when missing; -e opens an existing one
