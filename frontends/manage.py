@@ -501,6 +501,11 @@ def _layer_stats(layer: dict[str, Any]) -> str:
     if sp:
         text += (f"; file {sp['file_bytes']} bytes: live {sp['live_bytes']}, "
                  f"dead {sp['dead_bytes']}, zero {sp['zero_bytes']}, {sp['extents']} extents")
+    rb = layer.get("rbd")
+    if rb:
+        snap = f", snap id {rb['snap_id']}" if rb["snap_id"] is not None else ""
+        text += (f"; ceph client.{rb['client']}, image id {rb['image_id']}{snap}, "
+                 f"{rb['object_size'] >> 10} KiB objects")
     return text
 
 

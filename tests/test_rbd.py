@@ -419,3 +419,46 @@ except nbd.Error as e:
     assert nbdsh(w.uri, "print(h.pread(4, 0), h.pread(4, 8192))").strip() == \
         "bytearray(b'WWWW') bytearray(b'YYYY')"
     assert pread_all(s.uri, SIZE)[:MiB] == base[:MiB]
+
+
+# -- the management daemon ------------------------------------------------------------------
+
+
+def test_device_info_and_live_add_layer(ceph: CephCluster, lbd_server,
+                                        tmp_path: Path) -> None:
+    """DEVICE_INFO_STRINGS shows the RBD layer; LIVE_ADD_LAYER covers a writable image."""
+    from support import mgmt
+
+    img, base = golden(ceph, data_mib=2)
+    s = lbd_server(["-s", "64m", "-C", f"rbd:rbd/{img}", *ceph_args(ceph)], manage=True)
+    nbdsh(s.uri, "h.pwrite(b'A' * 4096, 0); h.flush()")
+    lines = mgmt(s, "DEVICE_INFO_STRINGS").lines
+    layer = next(i for i, x in enumerate(lines) if "type=" in x and "rbd" in x)
+    assert lines[layer] == f"    1: type={'rbd':>18}, writable= true, param=rbd:rbd/{img}", lines
+    assert "writes 1 (4096 bytes)" in lines[layer + 1], lines
+    assert "ceph client.admin, image id " in lines[layer + 1], lines
+    restart = lines[-1]
+    assert f"-C rbd:rbd/{img} --ceph-conf {ceph.conf}" in restart, restart
+    # a change file on top: the image becomes read-only and keeps what was written
+    change = tmp_path / "top.lbd"
+    rep = mgmt(s, "LIVE_ADD_LAYER", str(change))
+    assert rep.ok, rep
+    nbdsh(s.uri, "h.pwrite(b'B' * 4096, 4096); h.flush()")
+    lines = mgmt(s, "DEVICE_INFO_STRINGS").lines
+    assert any(f"writable=false, param=rbd:rbd/{img}" in x for x in lines), lines
+    restart = lines[-1]
+    assert f"-c rbd:rbd/{img}" in restart and f"-E {change}" in restart, restart
+    assert s.stop() == 0
+    head = ceph.read_image(img, 0, 8192)
+    assert head[:4096] == b"A" * 4096 and head[4096:] == base[4096:8192]
+    # the restart command line reopens the same stack (the change file's parent matches)
+    import shlex
+
+    argv = shlex.split(restart.removeprefix("restart: "))
+    argv = argv[2:]
+    for opt in ("-a", "--unix"):  # the test harness gives its own
+        i = argv.index(opt)
+        del argv[i:i + 2]
+    s2 = lbd_server(argv)
+    assert nbdsh(s2.uri, "print(h.pread(8192, 0) == b'A' * 4096 + b'B' * 4096)").strip() == \
+        "True"
