@@ -362,10 +362,13 @@ class Connection:
                     await trio.lowlevel.wait_readable(self.raw)
                     continue
                 return 0
-            if len(self.server.connections) == 1 and self._spin():
+            # Not while requests of this connection run in tasks (worker threads,
+            # a remote layer): blocking the loop would hold back their replies.
+            lone = len(self.server.connections) == 1 and not (
+                self._nursery is not None and self._nursery.child_tasks)
+            if lone and self._spin():
                 continue
-            if len(self.server.connections) == 1 and select.select(
-                    [self.raw], [], [], LONE_CLIENT_WAIT)[0]:
+            if lone and select.select([self.raw], [], [], LONE_CLIENT_WAIT)[0]:
                 # A lone client waiting for our reply sends its next request
                 # within microseconds: a short wait in the kernel is far
                 # cheaper than a round trip through the event loop.
