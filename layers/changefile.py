@@ -153,6 +153,8 @@ class ChangeFile:
     bytes are never rewritten, so a location read from the map stays valid.
     """
 
+    version = VERSION
+
     def __init__(self, io: FileIO, header: Header) -> None:
         self.io = io
         self.header = header
@@ -172,16 +174,25 @@ class ChangeFile:
         self.data_bytes = 0
         self.entries = 0
         self.dropped_tail = 0  # entries dropped as torn when opened
+        self.areas: list[int] = []  # journal areas followed when opened (tools check them)
+        self.index_error: str | None = None  # why a named index snapshot was not used
 
     # -- opening -------------------------------------------------------------
 
     @classmethod
     def create(cls, path: str, device_size: int, parent: Identity,
-               io_factory: Callable[..., FileIO] = FileIO) -> ChangeFile:
+               io_factory: Callable[..., FileIO] = FileIO, *, uuid: bytes | None = None,
+               created_ns: int | None = None) -> ChangeFile:
+        """A new, empty change file.
+
+        ``uuid`` keeps the identity of a file this one replaces (compaction,
+        conversion, a merged stack), so change files created on it still fit.
+        """
         io = io_factory(path, writable=True, create=True)
         try:
             io.lock("change file")
-            header = Header(device_size, uuidlib.uuid4().bytes, parent, time.time_ns())
+            header = Header(device_size, uuid or uuidlib.uuid4().bytes, parent,
+                            created_ns or time.time_ns())
             raw = header.encode()
             io.pwrite(raw + raw + bytes(HEADER_SIZE - 1024), 0)
             io.allocate(HEADER_SIZE, AREA_SIZE)
@@ -196,20 +207,23 @@ class ChangeFile:
 
     @classmethod
     def open(cls, path: str, *, writable: bool,
-             io_factory: Callable[..., FileIO] = FileIO, verify: bool = False) -> ChangeFile:
+             io_factory: Callable[..., FileIO] = FileIO, verify: bool = False,
+             use_index: bool = True) -> ChangeFile:
         """Open an existing native change file, replaying its journal.
 
         A torn tail (entries written after the last completed sync that did
         not fully reach the disk) is dropped; for a writable open the slots
         it occupied are zeroed so they can never be mistaken for entries.
-        With ``verify`` every payload CRC is checked, not only the tail's.
+        With ``verify`` every payload CRC is checked, not only the tail's;
+        ``use_index=False`` ignores the index snapshot and replays the whole
+        journal (``lbd-inspect --check`` compares the two).
         """
         io = io_factory(path, writable=writable)
         try:
             io.lock("change file")
             header = _read_header(io, path)
             cf = cls(io, header)
-            cf._replay(verify=verify)
+            cf._replay(verify=verify, use_index=use_index)
             if writable:
                 cf._reset_tail()
         except BaseException:
@@ -217,23 +231,25 @@ class ChangeFile:
             raise
         return cf
 
-    def _replay(self, *, verify: bool) -> None:
+    def _replay(self, *, verify: bool, use_index: bool = True) -> None:
         h = self.header
         fsize = self.io.size()
         area, slot, seq = h.journal_start, 0, 1
-        if h.index_area:
+        if h.index_area and use_index:
             try:
                 self._load_index(h.index_area, h.index_slot, h.index_seq)
                 area, slot, seq = h.index_area, h.index_slot + 1, h.index_seq + 1
             except CorruptionError as exc:
                 log.warning("%s: index snapshot unusable (%s); replaying the whole journal",
                             self.io.path, exc)
+                self.index_error = str(exc)
                 self.map = ExtentMap()
                 self.data_bytes = 0
         # Pass 1: follow the journal while entries are valid and in sequence.
         entries: list[tuple[int, int, Entry]] = []
         max_durable = 0
         area_bytes, area_loaded = b"", -1
+        self.areas = [area]
         while area >= HEADER_SIZE:
             if area_loaded != area:
                 area_bytes, area_loaded = self.io.pread(AREA_SIZE, area), area
@@ -244,6 +260,7 @@ class ChangeFile:
                 if slot != AREA_SLOTS - 1 or e.c % SECTOR or e.c < HEADER_SIZE:
                     break
                 area, slot, seq = e.c, 0, seq + 1
+                self.areas.append(area)
                 continue
             if slot >= AREA_SLOTS - 1:
                 break
@@ -398,6 +415,7 @@ class ChangeFile:
             self.seq += 1
             self.end = new_area + AREA_SIZE
             self.area, self.slot = new_area, 0
+            self.areas.append(new_area)
         return self.area + self.slot * ENTRY_SIZE
 
     def _append_entry(self, etype: int, a: int, b: int, c: int, crc: int) -> None:
@@ -561,7 +579,8 @@ def _read_header(io: FileIO, path: str) -> Header:
     if not raw:
         raise ConfigError(f"{path}: empty file is not a change file")
     if len(raw) >= 512 and raw[504:512] == V1_MAGIC:
-        raise ConfigError(f"{path}: version-1 change file (original LBD); not supported yet")
+        raise ConfigError(f"{path}: version-1 change file (original LBD): open it with "
+                          "lbd.layers.changefile_v1")
     if raw[:8] != MAGIC:
         raise ConfigError(f"{path}: not an LBD change file (bad magic)")
     slots = [Header.decode(raw[:512]), Header.decode(raw[512:1024])]

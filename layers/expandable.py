@@ -19,6 +19,8 @@ from lbd.layer import ID_CHANGE, Buffer, Identity, Layer, State
 
 from . import changefile
 from .changefile import ChangeFile
+from .changefile_v1 import V1ChangeFile
+from .intent import refuse_if_unfinished
 
 SECTOR = 512
 
@@ -34,7 +36,7 @@ class ExpandableLayer(Layer):
         self.cf = self._open(path, size, writable, below, force, create)
 
     def _open(self, path: str, size: int, writable: bool, below: Identity, force: bool,
-              create: bool) -> ChangeFile:
+              create: bool) -> ChangeFile | V1ChangeFile:
         if os.path.isdir(path):
             raise ConfigError(f"change file {path}: is a directory")
         if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
@@ -56,11 +58,15 @@ class ExpandableLayer(Layer):
                 raise ConfigError(f"change file {path}: cannot create: {exc.strerror}") from None
             self.created = True
             return cf
+        refuse_if_unfinished(path, "change file")
         kind = changefile.detect(path)
         if kind == "unknown":
             raise ConfigError(f"{path} is not an LBD change file (unrecognised header); "
                               "refusing to use it")
         try:
+            if kind == "v1":
+                # the original's format: no size or parent recorded, nothing to check
+                return V1ChangeFile.open(path, writable=writable, device_size=size)
             cf = ChangeFile.open(path, writable=writable)
         except PermissionError:
             mode = "read-write" if writable else "reading"
@@ -90,6 +96,7 @@ class ExpandableLayer(Layer):
         d = super().info()
         st = self.cf.stats()
         d["uuid"] = self.cf.header.uuid.hex()
+        d["format"] = self.cf.version
         d["space"] = {"file_bytes": st.file_bytes, "live_bytes": st.live_bytes,
                       "dead_bytes": st.dead_bytes, "zero_bytes": st.zero_bytes,
                       "extents": st.extents}
@@ -170,6 +177,8 @@ class ExpandableLayer(Layer):
         # Trimmed and zeroed sectors are recorded as zero: they must not fall
         # through to the base again.  Their old data becomes dead space.
         self._check_writable()
+        if trim and self.cf.version == 1:
+            return  # v1 has no zero state; TRIM is advisory (docs/format.md)
         try:
             self.cf.zero(offset // SECTOR, length // SECTOR)
             if fua:

@@ -39,6 +39,25 @@ class FileIO:
         self.nowait = hasattr(os, "RWF_NOWAIT")
         self.can_punch = True
 
+    kernel_copy = True  # copy_from may use copy_file_range
+
+    # -- names (the offline tools replace files atomically) ------------------------
+
+    @classmethod
+    def replace(cls, src: str, dst: str) -> None:
+        """Rename ``src`` over ``dst`` and make the rename durable."""
+        os.replace(src, dst)
+        fsync_dir(dst)
+
+    @classmethod
+    def remove(cls, path: str) -> None:
+        """Delete ``path`` (if it exists) and make that durable."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        fsync_dir(path)
+
     # -- reads -------------------------------------------------------------
 
     def pread(self, length: int, offset: int) -> bytes:
@@ -92,6 +111,36 @@ class FileIO:
 
     def pwrite(self, data: Buffer, offset: int) -> None:
         self.pwritev([data], offset)
+
+    def copy_from(self, src: FileIO, src_offset: int, length: int, offset: int) -> None:
+        """Copy ``length`` bytes of ``src`` into this file (the offline tools).
+
+        ``copy_file_range`` keeps the data in the kernel; where it is not
+        available, or :attr:`kernel_copy` is off (a test that must see every
+        write through :meth:`pwritev`), the data goes through a buffer.
+        Bytes past the end of ``src`` copy as zeros.
+        """
+        done = 0
+        if self.kernel_copy:
+            while done < length:
+                try:
+                    n = os.copy_file_range(src.fd, self.fd, length - done, src_offset + done,
+                                           offset + done)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS,
+                                         errno.EOPNOTSUPP):
+                        raise
+                    break
+                if n == 0:
+                    break
+                done += n
+        buf = bytearray(min(length - done, 8 << 20))
+        while done < length:
+            n = min(len(buf), length - done)
+            view = memoryview(buf)[:n]
+            src.readinto(view, src_offset + done)
+            self.pwritev([view], offset + done)
+            done += n
 
     def fdatasync(self) -> None:
         os.fdatasync(self.fd)
@@ -158,15 +207,20 @@ class FileIO:
 
     # -- locking -----------------------------------------------------------
 
-    def lock(self, what: str) -> None:
-        """Take an exclusive (writable) or shared (read-only) lock, or refuse."""
-        mode = fcntl.LOCK_EX if self.writable else fcntl.LOCK_SH
+    def lock(self, what: str, *, exclusive: bool | None = None) -> None:
+        """Take an exclusive (writable) or shared (read-only) lock, or refuse.
+
+        ``exclusive`` overrides the mode: the offline tools take an exclusive
+        lock on a file they read and then replace (compaction).
+        """
+        excl = self.writable if exclusive is None else exclusive
+        mode = fcntl.LOCK_EX if excl else fcntl.LOCK_SH
         try:
             fcntl.flock(self.fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = lock_holder(self.fd)
-            who = f"process {holder}" if holder else "another process"
-            how = "has it open" if self.writable else "has it open for writing"
+            who = f"process {holder}{_command_of(holder)}" if holder else "another process"
+            how = "has it open" if excl else "has it open for writing"
             raise ConfigError(f"{what} {self.path} is locked: {who} {how}") from None
 
     def close(self) -> None:
@@ -190,6 +244,23 @@ def lock_holder(fd: int) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _command_of(pid: int) -> str:
+    """`` (lbd serve -f ...)``: the holder's command line, to say who it is."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return ""
+    if not argv:
+        return ""
+    argv[0] = os.path.basename(argv[0])
+    if len(argv) > 1 and argv[0].startswith("python") and argv[1].endswith("lbd"):
+        argv = argv[1:]  # a console script run by its interpreter
+        argv[0] = os.path.basename(argv[0])
+    text = " ".join(argv)
+    return f" ({text[:77] + '...' if len(text) > 80 else text})"
 
 
 def fsync_dir(path: str) -> None:

@@ -14,6 +14,7 @@ from lbd.errors import ConfigError, IOFailure
 from lbd.layer import ID_IMAGE, Buffer, Identity, Layer, State
 
 from .fileio import FileIO
+from .intent import refuse_if_unfinished
 
 _BLKGETSIZE64 = 0x80081272
 _SAMPLES = 16
@@ -49,6 +50,7 @@ class FlatLayer(Layer):
     def __init__(self, path: str, size: int, writable: bool) -> None:
         super().__init__(size, writable)
         self.path = path
+        refuse_if_unfinished(path, "flat image")
         try:
             self.io = FileIO(path, writable=writable)
         except FileNotFoundError:

@@ -212,3 +212,12 @@ def _die(exc: LBDError) -> None:
 from lbd.ctl import ctl  # noqa: E402  (the ctl group is its own module)
 
 main.add_command(ctl)
+
+# the offline tools (docs/tools.md), also installed as lbd-inspect, lbd-merge, lbd-compact
+from lbd.tools.compact import main as _compact  # noqa: E402
+from lbd.tools.inspect import main as _inspect  # noqa: E402
+from lbd.tools.merge import main as _merge  # noqa: E402
+
+main.add_command(_inspect, "inspect")
+main.add_command(_merge, "merge")
+main.add_command(_compact, "compact")

@@ -103,6 +103,25 @@ class ExtentMap:
             c = self._chunks[cidx]
             yield from zip(c.starts, (e - s for s, e in zip(c.starts, c.ends)), c.locs)
 
+    def runs(self) -> Iterator[tuple[int, int, int]]:
+        """Like iteration, with contiguous neighbours merged.
+
+        Two maps that send every sector to the same place give the same runs,
+        however their extents happen to be split (a replayed journal and a
+        snapshot of the live map may split them differently).
+        """
+        prev: tuple[int, int, int] | None = None
+        for s, n, loc in self:
+            if prev is not None and prev[0] + prev[1] == s and _joins(
+                    prev[0], prev[0] + prev[1], prev[2], loc):
+                prev = (prev[0], prev[1] + n, prev[2])
+                continue
+            if prev is not None:
+                yield prev
+            prev = (s, n, loc)
+        if prev is not None:
+            yield prev
+
     def data_extents(self) -> Iterator[tuple[int, int, int]]:
         return ((s, n, loc) for s, n, loc in self if loc != ZERO)
 
