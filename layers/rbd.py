@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import re
 import struct
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_POOL = "rbd"
 DEFAULT_ID = "admin"
 DEFAULT_TIMEOUT = 30.0
+INTENT_KEY = "lbd.merge-intent"  # image metadata while an lbd-merge into it is unfinished
 INSTALL_HINT = ("the RBD layer needs Ceph's Python bindings: install Debian's python3-rbd and "
                 "python3-rados (apt-get install python3-rbd python3-rados, or run "
                 "tools/setup.sh) and run LBD with Debian's /usr/bin/python3, or a venv made "
@@ -151,12 +153,17 @@ class RBDLayer(Layer):
     kind = "rbd"
     local = False
 
-    def __init__(self, target: RBDTarget, size: int, writable: bool,
-                 opts: CephOptions | None = None, flag: str = "-c") -> None:
-        super().__init__(size, writable)
+    def __init__(self, target: RBDTarget, size: int | None, writable: bool,
+                 opts: CephOptions | None = None, flag: str = "-c",
+                 half_merged_ok: bool = False) -> None:
+        """``size`` None takes the image's (the offline tools); ``half_merged_ok``
+        opens an image an interrupted lbd-merge left half-merged (to resume it)."""
+        super().__init__(size or 0, writable)
         self.target = target
         self.opts = opts or CephOptions()
         self.flag = flag
+        self._size_given = size is not None
+        self._half_merged_ok = half_merged_ok
         rados, rbd = import_bindings()
         self._rados, self._rbd = rados, rbd
         what = f"{flag} {target}"
@@ -215,6 +222,8 @@ class RBDLayer(Layer):
             st = self.image.stat()
         except rbd.Error as exc:
             raise ConfigError(f"{what}: cannot read the image's size: {exc}") from None
+        if not self._size_given:
+            self.size = actual
         if actual != self.size:
             raise ConfigError(
                 f"{what} is {actual} bytes but the device is {self.size} bytes; an RBD layer "
@@ -223,6 +232,12 @@ class RBDLayer(Layer):
         self.object_size = int(st["obj_size"])
         self.image_id = self.image.id()
         self.snap_id = self.image.snap_get_id(t.snap) if t.snap is not None else None
+        rec = self.merge_intent()
+        if rec is not None and not self._half_merged_ok:
+            raise ConfigError(
+                f"{what}: an lbd-merge into it was interrupted and it is half-merged (image "
+                f"metadata {INTENT_KEY}); finish it first by re-running: "
+                f"{rec.get('command', 'lbd-merge with the same arguments')}")
         if self.writable:
             self._lock(what)
 
@@ -266,14 +281,18 @@ class RBDLayer(Layer):
                               "key?)") from None
 
     def _make_identity(self) -> Identity:
-        # What a change file on top records: the cluster, pool, image and snapshot ids,
-        # which stay the same across renames and restarts.
+        return self.identity_for(self.snap_id, str(self.target))
+
+    def identity_for(self, snap_id: int | None, desc: str = "") -> Identity:
+        """What a change file on this image (``snap_id`` None: its head) or one of its
+        snapshots records: the cluster, pool, image and snapshot ids, which stay the
+        same across renames and restarts."""
         h = hashlib.sha256(b"rbd\0")
         h.update(self.cluster.get_fsid().encode() + b"\0")
         h.update(struct.pack("<q", self.ioctx.get_pool_id()))
         h.update(self.target.namespace.encode() + b"\0" + self.image_id.encode() + b"\0")
-        h.update(struct.pack("<q", -1 if self.snap_id is None else self.snap_id))
-        return Identity(ID_IMAGE, h.digest()[:16], str(self.target)[:64])
+        h.update(struct.pack("<q", -1 if snap_id is None else snap_id))
+        return Identity(ID_IMAGE, h.digest()[:16], desc[:64])
 
     # -- description -------------------------------------------------------------------
 
@@ -291,6 +310,33 @@ class RBDLayer(Layer):
                     "object_size": self.object_size, "client": self.opts.client_id or DEFAULT_ID,
                     "conf": self.opts.conf, "timeout": self.opts.timeout}
         return d
+
+    # -- the intent record of an in-place lbd-merge (docs/tools.md) ------------------------
+
+    def merge_intent(self) -> dict[str, Any] | None:
+        """The record an unfinished lbd-merge into this image left, or None."""
+        rbd = self._rbd
+        try:
+            raw = self.image.metadata_get(INTENT_KEY)
+        except KeyError:
+            return None
+        except rbd.Error as exc:
+            if isinstance(exc, rbd.ImageNotFound | rbd.ObjectNotFound):
+                return None
+            raise self._failure(exc, "reading the metadata of") from exc
+        try:
+            rec = json.loads(raw)
+            return rec if isinstance(rec, dict) else {"damaged": True, "command": "?"}
+        except ValueError:
+            return {"damaged": True, "command": "?"}
+
+    def set_merge_intent(self, record: dict[str, Any]) -> None:
+        """Store the record in the image's metadata (one RADOS write: all or nothing)."""
+        self._call("writing the metadata of", self.image.metadata_set, INTENT_KEY,
+                   json.dumps(record))
+
+    def clear_merge_intent(self) -> None:
+        self._call("writing the metadata of", self.image.metadata_remove, INTENT_KEY)
 
     # -- errors ---------------------------------------------------------------------------
 
