@@ -168,8 +168,8 @@ class RBDLayer(Layer):
         self._rados, self._rbd = rados, rbd
         what = f"{flag} {target}"
         if writable and target.snap is not None:
-            raise ConfigError(f"{what}: a snapshot is read-only; a writable RBD layer is an "
-                              "image (name it without @SNAP, or use -c)")
+            raise ConfigError(f"{what}: a snapshot is read-only; only an image (named "
+                              "without @SNAP) can be written")
         self.cluster = connect(self.opts, what)
         self.ioctx: Any = None
         self.image: Any = None
@@ -232,7 +232,8 @@ class RBDLayer(Layer):
         self.object_size = int(st["obj_size"])
         self.image_id = self.image.id()
         self.snap_id = self.image.snap_get_id(t.snap) if t.snap is not None else None
-        rec = self.merge_intent()
+        # a snapshot is never written: only the head can be half-merged
+        rec = self.merge_intent() if t.snap is None else None
         if rec is not None and not self._half_merged_ok:
             raise ConfigError(
                 f"{what}: an lbd-merge into it was interrupted and it is half-merged (image "

@@ -45,9 +45,9 @@ class RBDIO:
         self.layer = layer
         self.writable = layer.writable
 
-    def _io(self, fn: Any, *args: Any) -> Any:
+    def _io(self, fn: Any, *args: Any, **kw: Any) -> Any:
         try:
-            return fn(*args)
+            return fn(*args, **kw)
         except IOFailure as exc:
             raise OSError(exc.errno if exc.errno != errno.EPERM else errno.EIO, str(exc)) \
                 from None
