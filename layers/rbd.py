@@ -25,12 +25,15 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import re
 import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import trio
 
 from lbd.errors import ConfigError, IOFailure, WouldBlock
 from lbd.layer import ID_IMAGE, Buffer, Identity, Layer, State
@@ -377,16 +380,81 @@ class RBDLayer(Layer):
         self.read_bytes += n
         return []
 
-    def _read_parallel(self, offset: int, view: memoryview) -> None:
-        """Object-aligned pieces, all in flight at once with aio_read."""
+    def _pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """A read cut into object-aligned pieces (one piece below _SPLIT)."""
+        end = offset + length
+        if length < _SPLIT:
+            return [(offset, length)]
         piece = min(self.object_size, _MAX_PIECE)
-        end = offset + len(view)
         pieces = []
         pos = offset
         while pos < end:
             nxt = min((pos // piece + 1) * piece, end)
             pieces.append((pos, nxt - pos))
             pos = nxt
+        return pieces
+
+    async def aread_present(self, offset: int, view: memoryview) -> list[tuple[int, int]]:
+        """The read from the event loop: librbd aio, woken through the trio token.
+
+        No worker thread: the pieces are submitted here (librbd queues them
+        and returns) and the completions, in librbd's threads, only copy the
+        data into ``view`` and wake this task.
+        """
+        token = trio.lowlevel.current_trio_token()
+        pieces = self._pieces(offset, len(view))
+        done = trio.Event()
+        left = [len(pieces)]
+        errors: list[int] = []
+
+        def one_done() -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                done.set()
+
+        def make_cb(pos: int) -> Callable[[Any, bytes | None], None]:
+            def cb(comp: Any, data: bytes | None) -> None:  # in a librbd thread
+                rv = comp.get_return_value()
+                if rv < 0 or data is None:
+                    errors.append(-rv if rv < 0 else errno.EIO)
+                else:
+                    view[pos - offset:pos - offset + len(data)] = data
+                try:
+                    token.run_sync_soon(one_done)
+                except trio.RunFinishedError:  # the server stopped meanwhile
+                    pass
+            return cb
+
+        sent = 0
+        try:
+            for pos, n in pieces:
+                self.image.aio_read(pos, n, make_cb(pos))
+                sent += 1
+        except self._rbd.Error as exc:
+            left[0] -= len(pieces) - sent
+            if left[0] > 0:
+                with trio.CancelScope(shield=True):  # the view must outlive them
+                    await done.wait()
+            raise self._failure(exc, "reading") from exc
+        await done.wait()
+        if errors:
+            self._raise_read_error(errors[0], offset, len(view))
+        self.reads += 1
+        self.read_bytes += len(view)
+        return []
+
+    def _raise_read_error(self, code: int, offset: int, length: int) -> None:
+        if code == errno.ETIMEDOUT:
+            raise self._failure(self._rbd.Timeout("read timed out"), "reading")
+        msg = (f"reading {self.target} [{offset}, {offset + length}): "
+               f"{os.strerror(code)}")
+        log.error("%s", msg)
+        raise IOFailure(errno.EIO, msg)
+
+    def _read_parallel(self, offset: int, view: memoryview) -> None:
+        """Object-aligned pieces, all in flight at once with aio_read."""
+        end = offset + len(view)
+        pieces = self._pieces(offset, len(view))
         done = threading.Event()
         left = [len(pieces)]
         errors: list[int] = []
@@ -419,14 +487,7 @@ class RBDLayer(Layer):
             raise self._failure(exc, "reading") from exc
         done.wait()
         if errors:
-            code = errors[0]
-            exc2 = self._rbd.Timeout("read timed out") if code == errno.ETIMEDOUT else \
-                OSError(code, f"read failed: {errno.errorcode.get(code, code)}")
-            if isinstance(exc2, self._rbd.Error):
-                raise self._failure(exc2, "reading")
-            msg = f"reading {self.target} [{offset}, {end}): {exc2}"
-            log.error("%s", msg)
-            raise IOFailure(errno.EIO, msg)
+            self._raise_read_error(errors[0], offset, end - offset)
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int, State]]:
         """DATA where RADOS objects exist (whole-object granularity), ZERO elsewhere."""

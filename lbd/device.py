@@ -132,11 +132,40 @@ class Device:
         return None
 
     async def aread(self, offset: int, length: int) -> bytearray | memoryview:
-        """Read inline when the page cache has it, else in a worker thread."""
+        """Read inline when the page cache has it, else in a worker thread.
+
+        A stack with a layer that is not local reads layer by layer instead:
+        local layers inline (or in a thread), the others with their own
+        ``aread_present``, which need not take a thread.
+        """
         try:
             return self.read(offset, length, nowait=True)
         except WouldBlock:
-            return await trio.to_thread.run_sync(self.read, offset, length)
+            if self.local:
+                return await trio.to_thread.run_sync(self.read, offset, length)
+        self._check(offset, length, write=False)
+        a0 = offset & ~_MASK
+        a1 = (offset + length + _MASK) & ~_MASK
+        buf = bytearray(a1 - a0)
+        view = memoryview(buf)
+        pending = [(a0, a1 - a0)] if a1 > a0 else []
+        for layer in list(self._stack):  # a copy: a layer may be pushed meanwhile
+            if not pending:
+                break
+            nxt: list[tuple[int, int]] = []
+            for o, n in pending:
+                part = view[o - a0:o - a0 + n]
+                if not layer.local:
+                    nxt += await layer.aread_present(o, part)
+                    continue
+                try:
+                    nxt += layer.read_present(o, part, True)
+                except WouldBlock:
+                    nxt += await trio.to_thread.run_sync(layer.read_present, o, part, False)
+            pending = nxt
+        if a0 == offset and a1 == offset + length:
+            return buf
+        return view[offset - a0:offset - a0 + length]
 
     # -- writes --------------------------------------------------------------------
 

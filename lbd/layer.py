@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar
 
+import trio
+
 from lbd.errors import IOFailure
 
 Buffer = bytes | bytearray | memoryview
@@ -102,6 +104,15 @@ class Layer(ABC):
         the ``(offset, length)`` ranges this layer does not hold, for the
         layer below.
         """
+
+    async def aread_present(self, offset: int, view: memoryview) -> list[tuple[int, int]]:
+        """``read_present`` from the event loop, for a layer that is not ``local``.
+
+        The default runs the blocking read in a worker thread; a layer with an
+        asynchronous client (the RBD layer's librbd aio) waits here without
+        a thread.
+        """
+        return await trio.to_thread.run_sync(self.read_present, offset, view, False)
 
     def locate(self, offset: int, length: int) -> tuple[int, int] | bool | None:
         """Where the range lives, if it is one contiguous piece of one file.
