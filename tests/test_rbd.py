@@ -216,7 +216,8 @@ def test_writable_image_fio_verify(ceph: CephCluster, lbd_server, tmp_path: Path
     s = lbd_server(["-s", "32m", "-C", f"rbd:{img}", *ceph_args(ceph)])
     run(["fio", "--name=rbd", "--ioengine=nbd", f"--uri={s.uri}", "--rw=randwrite",
          "--bs=4k", "--iodepth=16", "--size=32m", "--io_size=8m", "--verify=crc32c",
-         "--do_verify=1", "--verify_fatal=1", "--randrepeat=0"], timeout=300)
+         "--do_verify=1", "--verify_fatal=1", "--randrepeat=0", "--verify_state_save=0"],
+        timeout=300)
 
 
 def test_block_status_reports_rbd_holes(ceph: CephCluster, lbd_server,
