@@ -100,9 +100,17 @@ def serve_argv(opts: ServeOptions) -> list[str]:
     mean what they meant to it); the size is given in bytes.  Logging flags
     are not repeated.
     """
-    argv = ["lbd", "serve", "-s", str(opts.size)]
+    mount_only = opts.mount is not None and not opts.tcp and not opts.unix  # `lbd mount`
+    argv = ["lbd", "mount" if mount_only else "serve", "-s", str(opts.size)]
     for spec in opts.specs:
-        argv += [spec.flag, spec.param if spec.kind == "rbd" else os.path.abspath(spec.param)]
+        argv += [spec.flag, spec.param if spec.kind in ("nbd", "rbd")
+                 else os.path.abspath(spec.param)]
+    nbd = next((s for s in opts.specs if s.kind == "nbd"), None)
+    if nbd is not None:  # the NBD layer options, shared by every NBD layer
+        if nbd.cache:
+            argv += ["--nbd-cache", str(nbd.cache)]
+        if nbd.timeout != 30.0:
+            argv += ["--nbd-timeout", f"{nbd.timeout:g}"]
     argv += rbd_argv(opts.specs)
     for host, port in opts.tcp:
         argv += ["-l", str(port) if host is None else format_address(host, port)]
@@ -110,11 +118,11 @@ def serve_argv(opts: ServeOptions) -> list[str]:
         argv += ["--unix", os.path.abspath(path)]
     if opts.export_name:
         argv += ["-x", opts.export_name]
-    if opts.description:
+    if opts.description and not mount_only:
         argv += ["--description", opts.description]
     if opts.readonly:
         argv.append("--readonly")
-    if opts.oldstyle:
+    if opts.oldstyle and not mount_only:
         argv.append("--oldstyle")
     if opts.force:
         argv.append("--force")
@@ -126,6 +134,9 @@ def serve_argv(opts: ServeOptions) -> list[str]:
             argv += ["--manage-token", os.path.abspath(opts.manage_token)]
         if opts.manage_timeout != IDLE_TIMEOUT:
             argv += ["--manage-timeout", f"{opts.manage_timeout:g}"]
+    if opts.mount is not None:
+        mountpoint = os.path.abspath(opts.mount)
+        argv += [mountpoint] if mount_only else ["--mount", mountpoint]
     return argv
 
 
@@ -153,7 +164,7 @@ class Manager:
             "PING": self._ping, "SHUTDOWN": self._shutdown,
             "DEVICE_INFO_STRINGS": self._info_strings, "DEVICE_INFO": self._info,
             "LIVE_ADD_LAYER": self._live_add_layer, "CLIENTS": self._clients,
-            "FLUSH": self._flush, "HELP": self._help,
+            "FLUSH": self._flush, "TRIM": self._trim, "HELP": self._help,
         }
         assert set(self._handlers) == set(M.COMMANDS)
 
@@ -311,7 +322,7 @@ class Manager:
             if not _same_secret(req.token, self.token):
                 log.warning("management conn %d (%s): wrong token; closing", cid, peer)
                 raise _Close(M.error(M.AUTH, "wrong token; closing"))
-        level = logging.INFO if req.command in ("SHUTDOWN", "LIVE_ADD_LAYER", "FLUSH") \
+        level = logging.INFO if req.command in ("SHUTDOWN", "LIVE_ADD_LAYER", "FLUSH", "TRIM") \
             else logging.DEBUG
         log.log(level, "management conn %d (%s): %s%s", cid, peer, req.command,
                 f" {req.arg}" if req.arg is not None else "")
@@ -356,6 +367,32 @@ class Manager:
     async def _flush(self, req: M.Request) -> bytes:
         await self.service.device.aflush()
         return M.ok(True)
+
+    async def _trim(self, req: M.Request) -> bytes:
+        """Discard a range: it reads as zeros and the top layer releases its space.
+
+        For the FUSE frontend, which cannot punch holes (pyfuse3 has no
+        fallocate).  Done with FUA, so it is durable when the reply is sent.
+        """
+        assert req.arg is not None
+        device = self.service.device
+        offset, length = M.parse_range(req.arg, device.size)
+        if self.service.stop_requested.is_set():
+            raise M.RequestError(M.SHUTTING_DOWN, "the device is shutting down")
+        if not self._writable():
+            raise M.RequestError(M.READ_ONLY, "the device is read-only"
+                                 + (" (--readonly)" if device.writable else ""))
+
+        def trim() -> None:
+            # WRITE_ZEROES that may punch holes, not an advisory TRIM: the range
+            # must read as zeros afterwards on any top layer
+            device.zero(offset, length, trim=False, no_hole=False, fua=True)
+
+        if device.local:
+            trim()
+        else:
+            await trio.to_thread.run_sync(trim)
+        return M.ok({"offset": offset, "length": length})
 
     async def _help(self, req: M.Request) -> bytes:
         lines = []
@@ -455,7 +492,8 @@ class Manager:
             "writable": self._writable(),
             "frontends": [{"type": "nbd", "server": "NBDServer", "export": opts.export_name,
                            "description": opts.description, "readonly": opts.readonly,
-                           "oldstyle": opts.oldstyle, "addresses": list(svc.nbd.addresses)}],
+                           "oldstyle": opts.oldstyle, "addresses": list(svc.nbd.addresses)}]
+            + ([svc.fuse.info()] if svc.fuse is not None else []),
             "management": {"addresses": list(self.addresses), "token": self.token is not None,
                            "idle_timeout": self.idle_timeout,
                            "connections": self.connections},
@@ -474,6 +512,10 @@ class Manager:
         lines = [f"device size: {info['blocks']} blocks ({size} bytes / {size / GiB:.6f} GB)",
                  f"server type: NBDServer ({', '.join(nbd['addresses']) or 'no listener'})"
                  + (", read-only export" if nbd["readonly"] else "")]
+        for fe in info["frontends"][1:]:
+            if fe["type"] == "fuse":
+                lines.append(f"FUSE file: {fe['file']}"
+                             + (", read-only" if fe["readonly"] else ""))
         ports = sorted({a.rsplit(":", 1)[1] for a in self.addresses})
         lines.append(f"management port: {', '.join(ports)} ({', '.join(self.addresses)})"
                      + (", token required" if self.token is not None else ""))
@@ -501,6 +543,13 @@ def _layer_stats(layer: dict[str, Any]) -> str:
     if sp:
         text += (f"; file {sp['file_bytes']} bytes: live {sp['live_bytes']}, "
                  f"dead {sp['dead_bytes']}, zero {sp['zero_bytes']}, {sp['extents']} extents")
+    rm = layer.get("remote")
+    if rm:
+        text += (f"; remote {'connected' if rm['connected'] else 'DISCONNECTED'}, "
+                 f"{rm['reconnects']} reconnects")
+        if "cache" in rm:
+            c = rm["cache"]
+            text += f"; cache {c['hits']} hits, {c['misses']} misses, {c['dirty']} dirty bytes"
     rb = layer.get("rbd")
     if rb:
         snap = f", snap id {rb['snap_id']}" if rb["snap_id"] is not None else ""

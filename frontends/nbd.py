@@ -362,9 +362,10 @@ class Connection:
                     await trio.lowlevel.wait_readable(self.raw)
                     continue
                 return 0
-            # Not while requests of this connection run in tasks (worker threads,
-            # a remote layer): blocking the loop would hold back their replies.
-            lone = len(self.server.connections) == 1 and not (
+            # Not with a remote layer (its replies come through the event loop), nor
+            # while requests of this connection run in tasks: blocking the loop
+            # would hold back their replies.
+            lone = len(self.server.connections) == 1 and self.device.local and not (
                 self._nursery is not None and self._nursery.child_tasks)
             if lone and self._spin():
                 continue
@@ -721,6 +722,9 @@ class Connection:
                     if where is not None:  # one contiguous piece of one file
                         self._read_reply(handle, offset, FileSlice(*where, length))
                         return
+                    if not device.local:  # aread tries each layer inline first anyway
+                        self._spawn(self._read_async, handle, offset, length)
+                        return
                 try:
                     data = device.read(offset, length, nowait=True)
                 except WouldBlock:
@@ -822,7 +826,7 @@ class Connection:
                 raise IOFailure(errno.EPERM, "read-only export")
             if cmd == P.CMD_WRITE:
                 assert payload is not None
-                await trio.to_thread.run_sync(device.write, offset, payload)
+                await device.awrite(offset, payload)
             elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
                 trim = cmd == P.CMD_TRIM
                 await trio.to_thread.run_sync(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -29,13 +30,17 @@ _LAYER_FLAGS = {
     "flat_rw": ("flat", True),
     "exp_ro": ("expandable", False),
     "exp_rw": ("expandable", True),
+    "nbd_ro": ("nbd", False),
+    "nbd_rw": ("nbd", True),
+    "nbd_wb": ("nbd", True),
     "rbd_ro": ("rbd", False),
     "rbd_rw": ("rbd", True),
 }
+_WRITEBACK = {"nbd_wb"}
 
 
 class _OrderedLayers(click.Command):
-    """Keeps the command-line order of the layer flags (-f/-F/-e/-E/-c/-C).
+    """Keeps the command-line order of the layer flags (-f/-F/-e/-E/-n/-N/-X/-c/-C).
 
     Layers stack in the order given, the last on top; click collects each
     option's values separately, so the parser's record of the order in which
@@ -61,7 +66,8 @@ def _layer_specs(ctx: click.Context, params: dict[str, Any]) -> list[LayerSpec]:
     for name in ctx.meta.get("lbd.order", []):
         if queues.get(name):
             kind, writable = _LAYER_FLAGS[name]
-            specs.append(LayerSpec(kind, queues[name].pop(0), writable))
+            specs.append(LayerSpec(kind, queues[name].pop(0), writable,
+                                   writeback=name in _WRITEBACK))
     return specs
 
 
@@ -96,6 +102,21 @@ def main() -> None:
               help="Expandable change file, read-only.")
 @click.option("-E", "exp_rw", multiple=True, metavar="FILE",
               help="Expandable change file, writable (created if missing).")
+@click.option("-n", "nbd_ro", multiple=True, metavar="HOST:PORT|URI",
+              help="Remote NBD export as a layer, read-only (HOST:PORT, [IPv6]:PORT, "
+                   "nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH).")
+@click.option("-N", "nbd_rw", multiple=True, metavar="HOST:PORT|URI",
+              help="Remote NBD export as a layer, writable (write-through).")
+@click.option("-X", "nbd_wb", multiple=True, metavar="HOST:PORT|URI",
+              help="Remote NBD export, writable, with a write-back cache (this server must "
+                   "be its only writer).")
+@click.option("--nbd-cache", "nbd_cache", metavar="SIZE", default=None,
+              help="Memory cache per NBD layer: remote reads for -n (off unless given), "
+                   "reads and writes for -X (default 64m).")
+@click.option("--nbd-timeout", "nbd_timeout", type=click.FloatRange(min=0.1), default=30.0,
+              show_default=True, metavar="SECONDS",
+              help="An NBD layer request without a reply (the remote unreachable) this long "
+                   "fails with EIO.")
 @click.option("-c", "rbd_ro", multiple=True, metavar="rbd:POOL/IMAGE[@SNAP]",
               help="Ceph RBD image or snapshot, read-only (docs/rbd.md).")
 @click.option("-C", "rbd_rw", multiple=True, metavar="rbd:POOL/IMAGE",
@@ -133,15 +154,19 @@ def main() -> None:
               show_default=True, metavar="SECONDS",
               help="A management client that sends no complete request for this long is "
                    "disconnected.")
+@click.option("--mount", "mount", metavar="MOUNTPOINT",
+              help="Also show the device as one file through FUSE at MOUNTPOINT, an empty "
+                   "directory or a regular file (docs/fuse.md).")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: every request).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.pass_context
 def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
           listen: tuple[str, ...], unix_paths: tuple[str, ...], export_name: str,
           description: str, readonly: bool, oldstyle: bool, force: bool, manage: str,
-          manage_token: str | None, manage_timeout: float, ceph_conf: str | None,
-          ceph_id: str | None, ceph_keyring: str | None, ceph_timeout: float, verbose: int,
-          quiet: bool, **layer_flags: tuple[str, ...]) -> None:
+          manage_token: str | None, manage_timeout: float, nbd_cache: str | None,
+          nbd_timeout: float, ceph_conf: str | None, ceph_id: str | None,
+          ceph_keyring: str | None, ceph_timeout: float, verbose: int, quiet: bool,
+          mount: str | None = None, **layer_flags: tuple[str, ...]) -> None:
     """Serve a layered device over NBD.
 
     Layers stack in command-line order, the last one on top; only the top
@@ -150,6 +175,7 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
     \b
       lbd serve -s 1G -f base.img -E changes.lbd
       lbd serve -b 2097152 -f base.img -e day1.lbd -E day2.lbd -l 10809
+      lbd serve -s 20G -n golden.example:10809 -E local.lbd
 
     With no layer flags, serves a writable 1 GiB device backed by a change
     file in the data directory ($XDG_DATA_HOME/lbd), to try LBD at once.
@@ -174,6 +200,10 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
             raise ConfigError("the device size is required: -s SIZE or -b BLOCKS")
         else:
             size = DEFAULT_SIZE
+        if any(s.kind == "nbd" for s in specs):
+            cache = parse_size(nbd_cache, "--nbd-cache") if nbd_cache else 0
+            specs = [replace(s, cache=cache, timeout=nbd_timeout) if s.kind == "nbd" else s
+                     for s in specs]
         if any(s.kind == "rbd" for s in specs):
             from lbd.layers.rbd import CephOptions
 
@@ -187,7 +217,7 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
                 "no layers given: serving the default device, a writable %d MiB change file "
                 "at %s", size >> 20, specs[0].param)
         tcp = [parse_address(a, "-l", None) for a in listen]
-        if not tcp and not unix_paths:
+        if not tcp and not unix_paths and ctx.command.name != "mount":
             tcp = [(None, DEFAULT_NBD_PORT)]
         manage_addr = None if manage.strip().lower() in ("none", "off") else \
             parse_address(manage, "-a", DEFAULT_MANAGE_HOST)
@@ -197,7 +227,7 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
                             export_name=export_name, description=description,
                             readonly=readonly, oldstyle=oldstyle, force=force,
                             manage=manage_addr, manage_token=manage_token,
-                            manage_timeout=manage_timeout)
+                            manage_timeout=manage_timeout, mount=mount)
         code = run(opts)
     except LBDError as exc:
         _die(exc)
@@ -208,6 +238,57 @@ def _die(exc: LBDError) -> None:
     click.echo(f"lbd: error: {exc}", err=True)
     sys.exit(getattr(exc, "exit_code", 1))
 
+
+# `lbd mount`: serve's options without the NBD ones, the management daemon
+# off unless -a is given, and the mountpoint as an argument.
+_NBD_ONLY = {"listen", "unix_paths", "description", "oldstyle", "mount"}
+
+
+def _mount_params() -> list[click.Parameter]:
+    params: list[click.Parameter] = []
+    for p in serve.params:
+        if p.name in _NBD_ONLY:
+            continue
+        if p.name == "manage":
+            p = copy.copy(p)
+            p.default = "none"
+            assert isinstance(p, click.Option)
+            p.help = ("Management daemon address (lbd ctl, docs/management.md); a bare port "
+                      "is on 127.0.0.1; off unless given.")
+        elif p.name == "export_name":
+            p = copy.copy(p)
+            assert isinstance(p, click.Option)
+            p.help = "The device file's name in a directory mountpoint (default: device)."
+            p.show_default = False
+        params.append(p)
+    params.append(click.Argument(["mountpoint"]))
+    return params
+
+
+def _mount(mountpoint: str, **params: Any) -> None:
+    """Show a layered device as one file through FUSE (no NBD server).
+
+    MOUNTPOINT is an empty directory (the device appears in it as a file
+    named after the export, or `device`) or an existing regular file (the
+    device is mounted over it).  Layer flags as for `lbd serve`:
+
+    \b
+      lbd mount -s 1G -f base.img -E changes.lbd /mnt/lbd
+      losetup -f --show /mnt/lbd/device
+
+    Ctrl-C, SIGTERM, `fusermount3 -u MOUNTPOINT` or `lbd ctl shutdown` (with
+    -a) stop it: requests in flight finish, the device is flushed and
+    closed, then unmounted.  `lbd serve --mount` runs this beside the NBD
+    server, on the same device.
+    """
+    assert serve.callback is not None
+    serve.callback(listen=(), unix_paths=(), description="", oldstyle=False,
+                   mount=mountpoint, **params)
+
+
+main.add_command(_OrderedLayers("mount", callback=_mount, params=_mount_params(),
+                                help=_mount.__doc__,
+                                short_help="Show the device as one file through FUSE."))
 
 from lbd.ctl import ctl  # noqa: E402  (the ctl group is its own module)
 

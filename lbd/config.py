@@ -61,16 +61,21 @@ def format_address(host: str | None, port: int) -> str:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One layer flag: ``-f``/``-F`` flat, ``-e``/``-E`` expandable."""
+    """One layer flag: ``-f``/``-F`` flat, ``-e``/``-E`` expandable, ``-n``/``-N``/``-X`` NBD."""
 
-    kind: str  # "flat", "expandable" or "rbd"
+    kind: str  # "flat", "expandable", "nbd" or "rbd"
     param: str
     writable: bool
+    writeback: bool = False  # nbd: -X, a write-back cache (exclusive access)
+    cache: int = 0  # nbd: --nbd-cache bytes (0: none for -n, the default for -X)
+    timeout: float = 30.0  # nbd: --nbd-timeout seconds
     ceph: CephOptions | None = None  # rbd (-c/-C): --ceph-conf, --ceph-id, ...
 
     @property
     def flag(self) -> str:
-        letter = {"flat": "f", "expandable": "e", "rbd": "c"}[self.kind]
+        if self.kind == "nbd" and self.writeback and self.writable:
+            return "-X"
+        letter = {"flat": "f", "expandable": "e", "nbd": "n", "rbd": "c"}[self.kind]
         return "-" + (letter.upper() if self.writable else letter)
 
 
@@ -88,6 +93,13 @@ def open_layer(spec: LayerSpec, size: int, below: Layer | None, force: bool) -> 
 
     if spec.kind == "flat":
         return FlatLayer(spec.param, size, spec.writable)
+    if spec.kind == "nbd":
+        from lbd.layers.nbdclient import parse_target
+        from lbd.layers.nbdremote import NBDLayer
+
+        return NBDLayer(parse_target(spec.param, spec.flag), size, spec.writable,
+                        writeback=spec.writeback and spec.writable, cache=spec.cache,
+                        timeout=spec.timeout)
     if spec.kind == "rbd":
         from lbd.layers.rbd import RBDLayer, parse_target
 

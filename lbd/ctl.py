@@ -271,3 +271,35 @@ def add_layer(ctx: click.Context, file: str, as_json: bool) -> None:
             raise CtlError(f"the layer was added, but flushing the old top failed: "
                            f"{r['flush_error']}", EXIT_REFUSED)
     _run(ctx, go)
+
+
+def _bytes(text: str, what: str) -> int:
+    """``4096``, ``1m``, ``2G``: a byte count (suffixes are powers of two), 0 allowed."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgtp]?)(i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a byte count (k/m/g/t suffixes)",
+                                 param_hint=what)
+    return int(m.group(1)) << (10 * " kmgtp".index(m.group(2).lower() or " "))
+
+
+@ctl.command()
+@click.argument("offset")
+@click.argument("length")
+@click.pass_context
+def trim(ctx: click.Context, offset: str, length: str) -> None:
+    """Discard LENGTH bytes at OFFSET: they read as zeros from then on.
+
+    The top layer releases the space (a change file records the range as
+    zeros; a writable flat image punches a hole).  Both must be multiples of
+    512; k/m/g/t suffixes are powers of two.  This is how a device mounted
+    with `lbd mount` is trimmed: FUSE (pyfuse3) has no fallocate.
+    """
+    off = _bytes(offset, "OFFSET")
+    n = _bytes(length, "LENGTH")
+
+    def go(c: Client) -> None:
+        c.call("TRIM", f"{off} {n}", what="trim")
+        click.echo(f"{c.address}: trimmed {n} bytes at {off}")
+    _run(ctx, go)

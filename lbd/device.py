@@ -134,35 +134,32 @@ class Device:
     async def aread(self, offset: int, length: int) -> bytearray | memoryview:
         """Read inline when the page cache has it, else in a worker thread.
 
-        A stack with a layer that is not local reads layer by layer instead:
-        local layers inline (or in a thread), the others with their own
-        ``aread_present``, which need not take a thread.
+        A stack with a remote layer is read layer by layer instead: each
+        layer that would block is awaited with ``Layer.aread_present``
+        (a worker thread, or the layer's own asynchronous path).
         """
-        try:
-            return self.read(offset, length, nowait=True)
-        except WouldBlock:
-            if self.local:
+        if self.local:
+            try:
+                return self.read(offset, length, nowait=True)
+            except WouldBlock:
                 return await trio.to_thread.run_sync(self.read, offset, length)
         self._check(offset, length, write=False)
         a0 = offset & ~_MASK
         a1 = (offset + length + _MASK) & ~_MASK
         buf = bytearray(a1 - a0)
         view = memoryview(buf)
-        pending = [(a0, a1 - a0)] if a1 > a0 else []
-        for layer in list(self._stack):  # a copy: a layer may be pushed meanwhile
-            if not pending:
-                break
+        pending = [(a0, a1 - a0)]
+        for layer in list(self._stack):
             nxt: list[tuple[int, int]] = []
             for o, n in pending:
                 part = view[o - a0:o - a0 + n]
-                if not layer.local:
-                    nxt += await layer.aread_present(o, part)
-                    continue
                 try:
                     nxt += layer.read_present(o, part, True)
                 except WouldBlock:
-                    nxt += await trio.to_thread.run_sync(layer.read_present, o, part, False)
+                    nxt += await layer.aread_present(o, part)
             pending = nxt
+            if not pending:
+                break
         if a0 == offset and a1 == offset + length:
             return buf
         return view[offset - a0:offset - a0 + length]
@@ -205,6 +202,20 @@ class Device:
         if tail is not None:
             buffers.append(tail)
         top.write(a0, buffers, a1 - a0, fua)
+
+    async def awrite(self, offset: int, data: Buffer) -> None:
+        """:meth:`write` for the event loop (a stack with a remote layer).
+
+        An aligned write is awaited with the top layer's ``awrite`` (a worker
+        thread, or the layer's own asynchronous path); an unaligned one is
+        read-modify-written in a worker thread.
+        """
+        length = len(data)
+        self._check(offset, length, write=True)
+        if length and not (offset | length) & _MASK:
+            await self._stack[0].awrite(offset, [data], length, False)
+        elif length:
+            await trio.to_thread.run_sync(self.write, offset, data)
 
     def write_batch(self, items: list[tuple[int, Buffer]]) -> None:
         """Sector-aligned writes, applied in order, merged where the top layer can.

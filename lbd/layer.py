@@ -106,11 +106,10 @@ class Layer(ABC):
         """
 
     async def aread_present(self, offset: int, view: memoryview) -> list[tuple[int, int]]:
-        """``read_present`` from the event loop, for a layer that is not ``local``.
+        """``read_present`` for the event loop, after ``nowait`` raised WouldBlock.
 
-        The default runs the blocking read in a worker thread; a layer with an
-        asynchronous client (the RBD layer's librbd aio) waits here without
-        a thread.
+        By default a worker thread; a remote layer may wait on its network
+        without one.
         """
         return await trio.to_thread.run_sync(self.read_present, offset, view, False)
 
@@ -129,6 +128,11 @@ class Layer(ABC):
 
     def write(self, offset: int, buffers: Sequence[Buffer], nbytes: int, fua: bool) -> None:
         raise IOFailure(errno.EPERM, f"{self.kind} layer is read-only")
+
+    async def awrite(self, offset: int, buffers: Sequence[Buffer], nbytes: int,
+                     fua: bool) -> None:
+        """``write`` for the event loop; by default in a worker thread."""
+        await trio.to_thread.run_sync(self.write, offset, buffers, nbytes, fua)
 
     def write_batch(self, items: Sequence[tuple[int, Sequence[Buffer], int]]) -> None:
         """Several writes ``(offset, buffers, nbytes)`` in order; layers may merge them."""

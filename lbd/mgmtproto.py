@@ -43,9 +43,10 @@ BUSY = "BUSY"  # too many management connections (the connection is closed)
 BAD_LAYER = "BAD_LAYER"  # LIVE_ADD_LAYER refused; nothing was changed
 SHUTTING_DOWN = "SHUTTING_DOWN"  # the device is stopping
 IO = "IO"  # an I/O error on the device
+READ_ONLY = "READ_ONLY"  # a request that writes, on a read-only device
 INTERNAL = "INTERNAL"  # a bug in the daemon; see its log
 ERROR_CODES = frozenset({BAD_REQUEST, UNKNOWN_COMMAND, AUTH, TOO_LONG, TIMEOUT, BUSY,
-                         BAD_LAYER, SHUTTING_DOWN, IO, INTERNAL})
+                         BAD_LAYER, SHUTTING_DOWN, IO, READ_ONLY, INTERNAL})
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "commit the top layer (read-only) and push a new writable change file"),
     Command("CLIENTS", None, "the connected NBD clients, as JSON"),
     Command("FLUSH", None, "make every acknowledged write durable"),
+    Command("TRIM", "OFFSET LENGTH",
+            "discard a byte range (multiples of 512): it reads as zeros, durably"),
     Command("HELP", None, "this list, as text"),
 ]}
 
@@ -198,6 +201,23 @@ def parse_request(line: bytes) -> Request | None:
         if not arg:
             raise RequestError(BAD_REQUEST, f"{name} needs an argument: {name} {command.arg}")
     return Request(name, arg, token)
+
+
+def parse_range(arg: str, size: int) -> tuple[int, int]:
+    """``OFFSET LENGTH`` (decimal bytes, multiples of 512, inside ``size``) for TRIM."""
+    words = arg.split()
+    if len(words) != 2 or not all(w.isdigit() for w in words):
+        raise RequestError(BAD_REQUEST, f"expected OFFSET LENGTH in bytes, not {_show(arg)}")
+    offset, length = int(words[0]), int(words[1])
+    if offset % 512 or length % 512:
+        raise RequestError(BAD_REQUEST, f"OFFSET {offset} and LENGTH {length} must be "
+                                        "multiples of 512")
+    if length == 0:
+        raise RequestError(BAD_REQUEST, "LENGTH must not be 0")
+    if offset + length > size:
+        raise RequestError(BAD_REQUEST, f"[{offset}, {offset + length}) is beyond the end of "
+                                        f"the device ({size} bytes)")
+    return offset, length
 
 
 def decode_arg(raw: str) -> str:

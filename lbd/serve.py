@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -20,6 +21,9 @@ from lbd.device import Device
 from lbd.errors import ConfigError
 from lbd.frontends.manage import Manager, read_token_file
 from lbd.frontends.nbd import NBDServer
+
+if TYPE_CHECKING:
+    from lbd.frontends.fuse import FuseFrontend
 
 log = logging.getLogger("lbd")
 
@@ -38,6 +42,7 @@ class ServeOptions:
     manage: tuple[str | None, int] | None = None  # management daemon address; None: off
     manage_token: str | None = None  # a file holding the management daemon's secret
     manage_timeout: float = 60.0  # seconds a management client may take per request
+    mount: str | None = None  # FUSE mountpoint (docs/fuse.md); None: no FUSE frontend
 
 
 class Service:
@@ -51,6 +56,13 @@ class Service:
                              description=opts.description, readonly=opts.readonly,
                              oldstyle=opts.oldstyle)
         self.stop_requested = trio.Event()
+        self.fuse: FuseFrontend | None = None
+        if opts.mount is not None:
+            from lbd.frontends.fuse import FuseFrontend
+
+            self.fuse = FuseFrontend(device, opts.mount, export_name=opts.export_name,
+                                     readonly=opts.readonly)
+            self.fuse.may_spin = lambda: not self.nbd.connections  # never delay NBD clients
         self.manager: Manager | None = None
         if opts.manage is not None:
             self.manager = Manager(self, token=token, idle_timeout=opts.manage_timeout)
@@ -77,6 +89,8 @@ class Service:
                 log.info("export %s", uri)
             for line in connect_hints(self.nbd.addresses, self.opts.export_name):
                 log.info("%s", line)
+            if self.fuse is not None:
+                await nursery.start(self._fuse)
             if self.manager is not None and self.opts.manage is not None:
                 host, port = self.opts.manage
                 try:
@@ -88,8 +102,20 @@ class Service:
             task_status.started()
             await self.stop_requested.wait()
             log.info("shutting down: finishing requests in flight")
-            await self.nbd.shutdown()
+            async with trio.open_nursery() as stopping:  # both frontends drain at once
+                if self.fuse is not None:
+                    stopping.start_soon(self.fuse.shutdown)
+                stopping.start_soon(self.nbd.shutdown)
             nursery.cancel_scope.cancel()
+
+    async def _fuse(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        assert self.fuse is not None
+        try:
+            await self.fuse.run(task_status=task_status)
+        finally:
+            if not self.opts.tcp and not self.opts.unix:  # FUSE was the only frontend
+                self.stop_requested.set()
 
     async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                        ) -> None:
@@ -158,15 +184,27 @@ def run(opts: ServeOptions) -> int:
     token = None
     if opts.manage is not None and opts.manage_token:
         token = read_token_file(opts.manage_token)  # before any file is opened
+    if opts.mount is not None:
+        from lbd.frontends.fuse import check_mountpoint
+
+        check_mountpoint(opts.mount)  # before any file is opened
     device = build_device(opts.size, opts.specs, force=opts.force)
     log.info("device of %d bytes (%d blocks), layers top first:\n%s", opts.size,
              opts.size // 512, describe_stack(device))
-    service = Service(opts, device, token=token)
+    try:
+        service = Service(opts, device, token=token)
+    except BaseException:
+        device.close()
+        raise
     try:
         trio.run(service.run)
     except BaseExceptionGroup as group:
         raise _first_config_error(group) or group from None
     finally:
-        device.close()
+        try:
+            device.close()
+        finally:
+            if service.fuse is not None:
+                service.fuse.unmount()  # after the last flush: stop, drain, flush, close, unmount
     log.info("stopped cleanly")
     return 0

@@ -1,0 +1,456 @@
+"""The NBD layer: a remote NBD export (nbdkit, qemu-nbd, nbd-server, another LBD).
+
+``-n TARGET`` read-only, ``-N TARGET`` writable (write-through), ``-X TARGET``
+writable with a write-back cache that assumes this LBD is the export's only
+writer.  TARGET is ``HOST:PORT``, ``[IPv6]:PORT``, ``nbd://HOST[:PORT]/EXPORT``
+or ``nbd+unix:///EXPORT?socket=PATH``.
+
+The layer is not local (``local = False``): ``read_present(nowait=True)``
+raises :class:`~lbd.errors.WouldBlock` unless the cache holds the whole
+range, and the frontends call everything else in worker threads, where this
+layer blocks on the network (:mod:`lbd.layers.nbdclient`).  Requests larger
+than the remote's maximum block size are split and sent all at once.
+
+Caches (:mod:`lbd.layers.blockcache`): ``-n`` with ``--nbd-cache SIZE`` keeps
+remote reads in memory; ``-X`` always has a cache (``--nbd-cache``, default
+64 MiB) holding both reads and writes.  Its dirty data is written back on
+FLUSH, on FUA, when the cache is full of it, and at shutdown, and it is only
+forgotten once the remote has acknowledged a FLUSH after the write-back.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from lbd import protocol as P
+from lbd.errors import ConfigError, IOFailure, WouldBlock
+from lbd.layer import ID_IMAGE, Buffer, Identity, Layer, State
+
+from .blockcache import BlockCache
+from .flat import fingerprint
+from .nbdclient import RemoteClient, Request, Target, parse_target
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+DEFAULT_WRITEBACK_CACHE = 64 << 20
+CLOSE_TIMEOUT = 300.0  # how long shutdown keeps trying to write back dirty data
+MAX_REQUEST = 32 << 20  # never more per request, whatever the server allows
+MAX_STATUS = 1 << 30  # block status asks for at most this much at once
+ASYNC_CONNECTIONS = int(os.environ.get("LBD_NBD_CONNECTIONS", "4"))  # event-loop reads
+
+
+class _Reader:
+    """What flat.fingerprint needs: ``pread(length, offset)``."""
+
+    def __init__(self, layer: NBDLayer) -> None:
+        self.layer = layer
+
+    def pread(self, length: int, offset: int) -> bytes:
+        buf = bytearray(length)
+        self.layer._remote_read(offset, memoryview(buf))
+        return bytes(buf)
+
+
+class NBDLayer(Layer):
+    kind = "nbd"
+    local = False
+
+    def __init__(self, target: Target | str, size: int, writable: bool, *,
+                 writeback: bool = False, cache: int = 0, timeout: float = 30.0) -> None:
+        super().__init__(size, writable or writeback)
+        if isinstance(target, str):
+            target = parse_target(target, "-X" if writeback else "-N" if writable else "-n")
+        self.target = target
+        self.writeback = writeback
+        self.flag = "-X" if writeback else "-N" if writable else "-n"
+        self.client = RemoteClient(target, timeout=timeout, writable=self.writable,
+                                   what=self.flag)
+        # Reads from the event loop go on connections of their own (no threads).
+        # A writable remote must promise that every connection sees the others'
+        # writes (CAN_MULTI_CONN); the read-only case needs no promise.
+        export = self.client.open(ASYNC_CONNECTIONS)
+        try:
+            if export.size != size:
+                raise ConfigError(
+                    f"{self.flag} {target}: the remote export is {export.size} bytes but the "
+                    f"device is {size} bytes; an NBD layer must be exactly the device size"
+                    + (f" (use -s {export.size})" if export.size % SECTOR == 0 else ""))
+            if self.writable and export.readonly:
+                raise ConfigError(f"{self.flag} {target}: the remote export is read-only; "
+                                  "use -n for a read-only layer (with a change file on top)")
+            if export.min_block > SECTOR:
+                raise ConfigError(f"{self.flag} {target}: the remote needs requests aligned "
+                                  f"to {export.min_block} bytes; LBD sends 512-byte sectors")
+        except BaseException:
+            self.client.close()
+            raise
+        self.export = export
+        mx = min(export.max_block, MAX_REQUEST)
+        self.max_block = max(SECTOR, mx - mx % max(export.preferred_block, SECTOR)
+                             if mx >= export.preferred_block else mx - mx % SECTOR)
+        if writeback:
+            cache = cache or DEFAULT_WRITEBACK_CACHE
+        self.bcache = BlockCache(cache) if cache else None
+        self._wb_lock = threading.Lock()  # write-backs and zeroing, one at a time
+        self._identity: Identity | None = None
+        self._dirty = False  # -N: written since the last flush
+        log.info("%s %s: %d bytes, %s, %s replies, max request %d%s%s", self.flag, target,
+                 export.size, "read-only" if export.readonly else "writable",
+                 "structured" if export.structured else "simple", self.max_block,
+                 ", block status" if export.allocation_context is not None else "",
+                 f", cache {self.bcache.capacity >> 20} MiB" if self.bcache else "")
+
+    # -- description ------------------------------------------------------------------
+
+    def describe(self) -> str:
+        return str(self.target)
+
+    def identity(self) -> Identity:
+        """The remote's content fingerprint: the same sampling as a flat image's.
+
+        A change file made over a flat copy of the image fits the remote
+        serving that image, and the other way round.
+        """
+        if self._identity is None or self.writable:
+            if self.writeback:
+                self._write_back()  # the fingerprint is taken from the remote itself
+            self._identity = Identity(ID_IMAGE, fingerprint(_Reader(self), self.size),  # type: ignore[arg-type]
+                                      self.target.export or str(self.target))
+        return self._identity
+
+    def info(self) -> dict[str, Any]:
+        d = super().info()
+        remote: dict[str, Any] = {"connected": self.client.connected,
+                                  "reconnects": self.client.reconnects,
+                                  "uri": self.target.uri}
+        if self.client.last_error:
+            remote["last_error"] = self.client.last_error
+        if self.bcache is not None:
+            remote["cache"] = {"capacity": self.bcache.capacity, "used": self.bcache.size,
+                               "dirty": self.bcache.dirty_bytes(), "hits": self.bcache.hits,
+                               "misses": self.bcache.misses, "writeback": self.writeback}
+        d["remote"] = remote
+        return d
+
+    # -- remote requests -----------------------------------------------------------------
+
+    def _pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
+        mb = self.max_block
+        return [(o, min(mb, offset + length - o)) for o in range(offset, offset + length, mb)]
+
+    def _read_requests(self, offset: int, view: memoryview) -> list[Request]:
+        return [Request(P.CMD_READ, o, n, view=view[o - offset:o - offset + n])
+                for o, n in self._pieces(offset, len(view))]
+
+    def _remote_read(self, offset: int, view: memoryview) -> None:
+        self.client.call(self._read_requests(offset, view))
+
+    def _remote_write(self, offset: int, buffers: Sequence[Buffer], nbytes: int,
+                      fua: bool) -> None:
+        flags = P.CMDF_FUA if fua and self.export.can(P.TF_SEND_FUA) else 0
+        if nbytes <= self.max_block:
+            reqs = [Request(P.CMD_WRITE, offset, nbytes, flags, payload=list(buffers))]
+        else:
+            whole = b"".join(buffers) if len(buffers) > 1 else buffers[0]
+            mv = memoryview(whole).cast("B")
+            reqs = [Request(P.CMD_WRITE, o, n, flags, payload=[mv[o - offset:o - offset + n]])
+                    for o, n in self._pieces(offset, nbytes)]
+        self.client.call(reqs)
+        if fua and not flags:
+            self._remote_flush()
+
+    def _remote_flush(self) -> None:
+        if self.export.can(P.TF_SEND_FLUSH):
+            self.client.call([Request(P.CMD_FLUSH, 0, 0)])
+
+    def _remote_zero(self, offset: int, length: int, *, may_trim: bool, fast: bool,
+                     fua: bool) -> None:
+        ex = self.export
+        flags = P.CMDF_FUA if fua and ex.can(P.TF_SEND_FUA) else 0
+        if ex.can(P.TF_SEND_WRITE_ZEROES):
+            if not may_trim:
+                flags |= P.CMDF_NO_HOLE
+            if fast:
+                if not ex.can(P.TF_SEND_FAST_ZERO):
+                    raise IOFailure(errno.ENOTSUP, f"{self.target}: the remote cannot tell "
+                                    "whether zeroing is fast")
+                flags |= P.CMDF_FAST_ZERO
+            self.client.call([Request(P.CMD_WRITE_ZEROES, o, n, flags)
+                              for o, n in self._pieces(offset, length)])
+        else:
+            if fast:
+                raise IOFailure(errno.ENOTSUP, f"{self.target}: the remote has no "
+                                "WRITE_ZEROES; zeroing means writing zeros")
+            chunk = bytes(min(length, self.max_block))
+            for o, n in self._pieces(offset, length):
+                self.client.call([Request(P.CMD_WRITE, o, n, flags,
+                                          payload=[memoryview(chunk)[:n]])])
+        if fua and not flags & P.CMDF_FUA:
+            self._remote_flush()
+
+    # -- reads --------------------------------------------------------------------------
+
+    def read_present(self, offset: int, view: memoryview, nowait: bool) -> list[tuple[int, int]]:
+        cache = self.bcache
+        if cache is None:
+            if nowait:
+                raise WouldBlock
+            self._remote_read(offset, view)
+        else:
+            missing = cache.lookup(offset, view)
+            if missing:
+                if nowait:
+                    raise WouldBlock
+                for o, n in missing:
+                    fill = cache.begin_fill(o, n)
+                    part = view[o - offset:o - offset + n]
+                    try:
+                        self._remote_read(o, part)
+                    except BaseException:
+                        cache.end_fill(fill, None)
+                        raise
+                    cache.end_fill(fill, part)
+        self.reads += 1
+        self.read_bytes += len(view)
+        return []
+
+    async def aread_present(self, offset: int, view: memoryview) -> list[tuple[int, int]]:
+        """The event loop's read: requests go out and replies come back without a thread."""
+        if not self.client.aconns:
+            return await super().aread_present(offset, view)  # a worker thread
+        cache = self.bcache
+        if cache is None:
+            await self.client.acall(self._read_requests(offset, view))
+        else:
+            for o, n in cache.lookup(offset, view):
+                fill = cache.begin_fill(o, n)
+                part = view[o - offset:o - offset + n]
+                try:
+                    await self.client.acall(self._read_requests(o, part))
+                except BaseException:
+                    cache.end_fill(fill, None)
+                    raise
+                cache.end_fill(fill, part)
+        self.reads += 1
+        self.read_bytes += len(view)
+        return []
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, State]]:
+        out = self._remote_extents(offset, length)
+        if self.bcache is not None and self.writeback:
+            held = self.bcache.held_ranges(offset, length)
+            if held:
+                out = _overlay(out, held)
+        return out
+
+    def _remote_extents(self, offset: int, length: int) -> list[tuple[int, int, State]]:
+        if self.export.allocation_context is None:
+            return [(offset, length, State.DATA)]
+        out: list[tuple[int, int, State]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            req = Request(P.CMD_BLOCK_STATUS, pos, min(end - pos, MAX_STATUS))
+            self.client.call([req])
+            start = pos
+            for n, flags in req.descs:
+                n = min(n, end - pos)
+                if n <= 0:
+                    break
+                state = State.ZERO if flags & P.STATE_ZERO else State.DATA
+                if out and out[-1][2] == state and out[-1][0] + out[-1][1] == pos:
+                    out[-1] = (out[-1][0], out[-1][1] + n, state)
+                else:
+                    out.append((pos, n, state))
+                pos += n
+            if pos == start:  # nothing useful came back: say data, never loop
+                out.append((pos, end - pos, State.DATA))
+                pos = end
+        # keep every extent sector-aligned, as the device expects
+        return _align(out, offset, end)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def write(self, offset: int, buffers: Sequence[Buffer], nbytes: int, fua: bool) -> None:
+        if self.writeback:
+            assert self.bcache is not None
+            while not self.bcache.write(offset, buffers, nbytes):
+                self._write_back()  # full of dirty data: make room
+            if fua:
+                self.flush()
+        else:
+            self._dirty = True
+            self._remote_write(offset, buffers, nbytes, fua)
+            if self.bcache is not None:
+                self.bcache.drop(offset, nbytes)
+        self.writes += 1
+        self.written_bytes += nbytes
+
+    async def awrite(self, offset: int, buffers: Sequence[Buffer], nbytes: int,
+                     fua: bool) -> None:
+        """-N writes from the event loop go out on its connections, like reads."""
+        if self.writeback or not self.client.aconns:
+            await super().awrite(offset, buffers, nbytes, fua)  # a worker thread
+            return
+        self._dirty = True
+        flags = P.CMDF_FUA if fua and self.export.can(P.TF_SEND_FUA) else 0
+        if nbytes <= self.max_block:
+            reqs = [Request(P.CMD_WRITE, offset, nbytes, flags, payload=list(buffers))]
+        else:
+            whole = b"".join(buffers) if len(buffers) > 1 else buffers[0]
+            mv = memoryview(whole).cast("B")
+            reqs = [Request(P.CMD_WRITE, o, n, flags, payload=[mv[o - offset:o - offset + n]])
+                    for o, n in self._pieces(offset, nbytes)]
+        await self.client.acall(reqs)
+        if self.bcache is not None:
+            self.bcache.drop(offset, nbytes)  # after: a fill racing the write goes stale
+        if fua and not flags:
+            await trio.to_thread.run_sync(self._remote_flush)
+        self.writes += 1
+        self.written_bytes += nbytes
+
+    def zero(self, offset: int, length: int, *, trim: bool, no_hole: bool, fast: bool,
+             fua: bool) -> None:
+        # A trimmed range reads as zeros in LBD: send WRITE_ZEROES (which may punch)
+        with self._wb_lock:
+            if self.bcache is not None:
+                self.bcache.drop(offset, length)
+            self._dirty = True
+            self._remote_zero(offset, length, may_trim=trim or not no_hole, fast=fast,
+                              fua=fua)
+
+    def flush(self) -> None:
+        if self.writeback:
+            self._write_back()
+        elif self._dirty:
+            self._dirty = False
+            try:
+                self._remote_flush()
+            except BaseException:
+                self._dirty = True
+                raise
+
+    def _write_back(self) -> None:
+        """Write every dirty sector to the remote, then FLUSH it; only then forget them."""
+        assert self.bcache is not None
+        with self._wb_lock:
+            while True:
+                connects = self.client.connects
+                runs = self.bcache.take_dirty()
+                ok = False
+                try:
+                    reqs = [Request(P.CMD_WRITE, o, n,
+                                    payload=[memoryview(data)[o - off:o - off + n]])
+                            for off, data in runs for o, n in self._pieces(off, len(data))]
+                    if reqs:
+                        self.client.call(reqs)
+                    if reqs or self._dirty:
+                        self._dirty = False
+                        self._remote_flush()
+                    # Writes acknowledged on a connection that has since been lost
+                    # may not have survived the server: write them all again.
+                    ok = self.client.connects == connects
+                finally:
+                    self.bcache.written(ok)
+                if ok:
+                    break
+                self._dirty = True
+                log.warning("%s %s: the connection was remade during a write-back; writing "
+                            "back again", self.flag, self.target)
+            if runs:
+                log.debug("%s %s: wrote back %d bytes", self.flag, self.target,
+                          sum(len(d) for _, d in runs))
+
+    def cache(self, offset: int, length: int) -> None:
+        """Prefetch into our cache, or ask the remote to (NBD_CMD_CACHE)."""
+        if self.bcache is not None:
+            buf = bytearray(length)
+            self.read_present(offset, memoryview(buf), False)
+        elif self.export.can(P.TF_SEND_CACHE):
+            self.client.call([Request(P.CMD_CACHE, o, n)
+                              for o, n in self._pieces(offset, length)])
+
+    def close(self) -> None:
+        try:
+            if self.writeback:
+                self._close_write_back()
+            elif self._dirty:
+                self.flush()
+        finally:
+            self.client.close()
+
+    def _close_write_back(self) -> None:
+        assert self.bcache is not None
+        deadline = time.monotonic() + CLOSE_TIMEOUT
+        while True:
+            try:
+                self._write_back()
+                return
+            except IOFailure as exc:
+                left = deadline - time.monotonic()
+                dirty = self.bcache.dirty_bytes()
+                if left <= 0:
+                    raise IOFailure(errno.EIO, f"{self.flag} {self.target}: {dirty} bytes of "
+                                    f"written data could not be written back: {exc}") from exc
+                log.error("%s %s: writing back %d dirty bytes at shutdown failed (%s); "
+                          "retrying for %d s more", self.flag, self.target, dirty, exc, left)
+                time.sleep(min(1.0, left))
+
+
+def _overlay(runs: list[tuple[int, int, State]],
+             held: list[tuple[int, int]]) -> list[tuple[int, int, State]]:
+    """``runs`` with the ``held`` ranges marked DATA."""
+    out: list[tuple[int, int, State]] = []
+    for o, n, st in runs:
+        pos, end = o, o + n
+        for h0, hn in held:
+            h1 = h0 + hn
+            if h1 <= pos or h0 >= end:
+                continue
+            if h0 > pos:
+                out.append((pos, h0 - pos, st))
+            a, z = max(h0, pos), min(h1, end)
+            out.append((a, z - a, State.DATA))
+            pos = z
+        if pos < end:
+            out.append((pos, end - pos, st))
+    merged: list[tuple[int, int, State]] = []
+    for o, n, st in out:
+        if merged and merged[-1][2] == st and merged[-1][0] + merged[-1][1] == o:
+            merged[-1] = (merged[-1][0], merged[-1][1] + n, st)
+        else:
+            merged.append((o, n, st))
+    return merged
+
+
+def _align(runs: list[tuple[int, int, State]], offset: int,
+           end: int) -> list[tuple[int, int, State]]:
+    """Round extent edges to sectors: a sector partly data is data."""
+    out: list[tuple[int, int, State]] = []
+    for o, n, st in runs:
+        a = o - o % SECTOR if st == State.DATA else -(-o // SECTOR) * SECTOR
+        z = -(-(o + n) // SECTOR) * SECTOR if st == State.DATA else (o + n) - (o + n) % SECTOR
+        if out:
+            a = max(a, out[-1][0] + out[-1][1])
+        a, z = max(a, offset), min(z, end)
+        if z <= a:
+            continue
+        if out and out[-1][0] + out[-1][1] < a:  # a gap left by rounding: data
+            g = out[-1][0] + out[-1][1]
+            out.append((g, a - g, State.DATA))
+        if out and out[-1][2] == st and out[-1][0] + out[-1][1] == a:
+            out[-1] = (out[-1][0], out[-1][1] + z - a, st)
+        else:
+            out.append((a, z - a, st))
+    if out and out[-1][0] + out[-1][1] < end:
+        g = out[-1][0] + out[-1][1]
+        out.append((g, end - g, State.DATA))
+    return out
