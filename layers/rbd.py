@@ -532,6 +532,51 @@ class RBDLayer(Layer):
         self.writes += 1
         self.written_bytes += nbytes
 
+    async def awrite(self, offset: int, buffers: Sequence[Buffer], nbytes: int,
+                     fua: bool) -> None:
+        """The write from the event loop: aio_write (and aio_flush for FUA), no thread."""
+        self._check_writable()
+        # referenced until the completion: librbd may write from it
+        data = bytes(buffers[0]) if len(buffers) == 1 else b"".join(buffers)
+        rv = await self._await_aio(lambda cb: self.image.aio_write(data, offset, cb), "writing")
+        if rv < 0:
+            self._raise_write_error(-rv)
+        if fua:
+            rv = await self._await_aio(self.image.aio_flush, "flushing")
+            if rv < 0:
+                self._raise_write_error(-rv, "flushing")
+        self.writes += 1
+        self.written_bytes += nbytes
+
+    async def _await_aio(self, submit: Callable[[Callable[..., None]], Any], what: str) -> int:
+        """Submit one librbd aio and sleep until its completion wakes this task."""
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        result = [0]
+
+        def cb(comp: Any, *_: Any) -> None:  # in a librbd thread
+            result[0] = comp.get_return_value()
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+
+        try:
+            submit(cb)
+        except self._rbd.Error as exc:
+            raise self._failure(exc, what) from exc
+        with trio.CancelScope(shield=True):  # the buffers must outlive the operation
+            await done.wait()
+        return result[0]
+
+    def _raise_write_error(self, code: int, what: str = "writing") -> None:
+        text = (f"no answer from the Ceph cluster within {self.opts.timeout:g} s"
+                if code == errno.ETIMEDOUT else os.strerror(code))
+        msg = f"{what} {self.target}: {text}"
+        log.error("%s", msg)
+        raise IOFailure(errno.ENOSPC if code in (errno.ENOSPC, errno.EDQUOT) else
+                        errno.EPERM if code in (errno.EROFS, errno.EPERM) else errno.EIO, msg)
+
     def write_batch(self, items: Sequence[tuple[int, Sequence[Buffer], int]]) -> None:
         """Every write in flight at once (aio_write); raises if any failed."""
         self._check_writable()
@@ -562,9 +607,11 @@ class RBDLayer(Layer):
                     done.set()
 
         sent = 0
+        keep = []  # librbd may write from our buffers (rbd_disable_zero_copy_writes=false)
         try:
             for offset, buffers, _n in items:
                 data = bytes(buffers[0]) if len(buffers) == 1 else b"".join(buffers)
+                keep.append(data)
                 self.image.aio_write(data, offset, cb)
                 sent += 1
         except self._rbd.Error as exc:
