@@ -415,6 +415,10 @@ class Connection:
             self._dead = True
             self._out.clear()
             self._out_bytes = 0
+            try:  # wake the receive loop, which may wait for a client waiting for us
+                self.raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         finally:
             self._sending = False
             if self._out_bytes < OUTPUT_HIGH_WATER:
@@ -691,8 +695,8 @@ class Connection:
             return f"flags {flags:#x} not valid for {P.CMD_NAMES[cmd]}"
         if cmd == P.CMD_READ and flags & P.CMDF_DF and not self.structured:
             return "DF requires structured replies"
-        if cmd == P.CMD_FLUSH:
-            return None
+        if cmd == P.CMD_FLUSH:  # offset and length are reserved and MUST be zero
+            return f"FLUSH with offset {offset} and length {length}" if offset or length else None
         if length == 0:
             return f"zero-length {P.CMD_NAMES[cmd]}"
         if cmd == P.CMD_READ and length > MAX_REQUEST:
@@ -720,8 +724,12 @@ class Connection:
                 if length >= SENDFILE_MIN:
                     where = device.locate(offset, length)
                     if where is not None:  # one contiguous piece of one file
-                        self._read_reply(handle, offset, FileSlice(*where, length))
-                        return
+                        piece = FileSlice(*where, length)
+                        # only from the page cache: once its header is out, a read
+                        # error (a bad sector) could not become an EIO reply
+                        if piece.cached():
+                            self._read_reply(handle, offset, piece)
+                            return
                     if not device.local:  # aread tries each layer inline first anyway
                         self._spawn(self._read_async, handle, offset, length)
                         return

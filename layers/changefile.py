@@ -395,6 +395,15 @@ class ChangeFile:
         stop = self.area + AREA_SIZE
         if start < stop and self.io.pread(stop - start, start).strip(b"\0"):
             self.io.pwrite(bytes(stop - start), start)
+        # A lost tail may have opened journal areas past the end of what
+        # survived, full of entries whose sequence numbers would line up
+        # with new ones: a new area there could replay them after the next
+        # crash.  Everything new goes after all data the file holds.
+        fsize = self.io.size()
+        if self.end < fsize:
+            data_end = max((s + n for s, n, is_data in self.io.seek_data_holes(self.end, fsize)
+                            if is_data), default=self.end)
+            self.end = _align(data_end, DATA_ALIGN)
         self.sync()
 
     # -- writing ---------------------------------------------------------------
@@ -456,7 +465,7 @@ class ChangeFile:
             end = self.end
             placed = []  # (sector, count, loc, crc, in_place)
             iov: list[Buffer] = []
-            rewrites: list[tuple[Sequence[Buffer], int]] = []
+            rewrites: list[tuple[Sequence[Buffer], int, int, int]] = []
             unsynced = self._unsynced
             for sector, buffers, nbytes in items:
                 if len(buffers) == 1:
@@ -472,7 +481,7 @@ class ChangeFile:
                     loc = runs[0][2]
                     if len(runs) == 1 and loc == hit[0]:
                         placed.append((sector, count, loc, crc, True))
-                        rewrites.append((buffers, loc))
+                        rewrites.append((buffers, loc, sector, count))
                         continue
                 loc = end if nbytes % DATA_ALIGN else _align(end, DATA_ALIGN)
                 if loc != end:
@@ -499,8 +508,12 @@ class ChangeFile:
                 self.slot += len(chunk)
                 self.entries += len(chunk)
                 i += len(chunk)
-            for buffers, loc in rewrites:
-                self.io.pwritev(buffers, loc)
+            for k, (buffers, loc, _sector, _count) in enumerate(rewrites):
+                try:
+                    self.io.pwritev(buffers, loc)
+                except OSError:
+                    self._revouch(rewrites[k:])
+                    raise
             if not iov:
                 return  # all rewrites in place: the map already says where they are
             for sector, count, loc, _crc, in_place in placed:
@@ -508,6 +521,28 @@ class ChangeFile:
                 unsynced[sector] = (loc, count * SECTOR)
                 if not in_place:
                     self.data_bytes += count * SECTOR
+
+    def _revouch(self, failed: Sequence[tuple[Sequence[Buffer], int, int, int]]) -> None:
+        """After in-place rewrites whose data write failed: vouch for what is there.
+
+        Their entries (already written) carry the CRC of data that did not
+        land; replay would cut the journal at them and lose every later
+        write.  A new IN_PLACE entry per payload, with the CRC of the bytes
+        actually there, supersedes each (docs/format.md).  If even that
+        fails, the disk is beyond help: the error is logged.
+        """
+        try:
+            for _buffers, loc, sector, count in failed:
+                crc = crc32c(self.io.pread(count * SECTOR, loc))
+                pos = self._slot_pos()
+                self.io.pwrite(self._entry(self.seq + 1, E_DATA, sector, count, loc, crc,
+                                           F_IN_PLACE), pos)
+                self.seq += 1
+                self.slot += 1
+                self.entries += 1
+        except OSError as exc:
+            log.error("%s: a rewrite failed and so did recording what is on disk instead "
+                      "(%s); writes after it may be lost in a crash", self.io.path, exc)
 
     def zero(self, sector: int, count: int) -> None:
         """Record ``count`` sectors as zero (TRIM / WRITE_ZEROES)."""
@@ -569,7 +604,12 @@ class ChangeFile:
             return
         try:
             if clean and self.io.writable:
-                self.write_index()
+                try:
+                    self.write_index()
+                except OSError as exc:  # e.g. a full disk: the journal has everything
+                    log.warning("%s: could not write the index snapshot (%s); the next open "
+                                "replays the journal", self.io.path, exc.strerror or exc)
+                    self.sync()  # the acknowledged writes must still be durable
         finally:
             self.io.close()
 

@@ -206,4 +206,7 @@ class ExpandableLayer(Layer):
             raise IOFailure(errno.EPERM, f"change file {self.path} is read-only")
 
     def close(self) -> None:
-        self.cf.close(clean=True)
+        try:
+            self.cf.close(clean=True)
+        except OSError as exc:
+            raise IOFailure.from_oserror(exc, f"closing {self.path}") from exc

@@ -335,7 +335,7 @@ def parse_status(line: str) -> Reply:
         except ValueError as exc:
             raise ReplyError(f"OK reply with invalid JSON: {exc}") from None
     if word == "TEXT":
-        if not rest.isdigit():
+        if not (rest.isascii() and rest.isdigit()):  # not "²": int() refuses some digits
             raise ReplyError(f"TEXT reply without a line count: {line[:80]!r}")
         return Reply("TEXT", value=int(rest))
     if word == "ERR":
