@@ -77,6 +77,22 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def rbd_argv(specs: list[LayerSpec]) -> list[str]:
+    """The --ceph-* options of the RBD layers (shared by all of them)."""
+    ceph = next((s.ceph for s in specs if s.kind == "rbd" and s.ceph is not None), None)
+    if ceph is None:
+        return []
+    argv = []
+    for opt, value in (("--ceph-conf", ceph.conf), ("--ceph-keyring", ceph.keyring)):
+        if value:
+            argv += [opt, os.path.abspath(value)]
+    if ceph.client_id:
+        argv += ["--ceph-id", ceph.client_id]
+    if ceph.timeout != 30.0:
+        argv += ["--ceph-timeout", f"{ceph.timeout:g}"]
+    return argv
+
+
 def serve_argv(opts: ServeOptions) -> list[str]:
     """The ``lbd serve`` command line that opens the stack ``opts`` describes now.
 
@@ -87,13 +103,15 @@ def serve_argv(opts: ServeOptions) -> list[str]:
     mount_only = opts.mount is not None and not opts.tcp and not opts.unix  # `lbd mount`
     argv = ["lbd", "mount" if mount_only else "serve", "-s", str(opts.size)]
     for spec in opts.specs:
-        argv += [spec.flag, spec.param if spec.kind == "nbd" else os.path.abspath(spec.param)]
+        argv += [spec.flag, spec.param if spec.kind in ("nbd", "rbd")
+                 else os.path.abspath(spec.param)]
     nbd = next((s for s in opts.specs if s.kind == "nbd"), None)
     if nbd is not None:  # the NBD layer options, shared by every NBD layer
         if nbd.cache:
             argv += ["--nbd-cache", str(nbd.cache)]
         if nbd.timeout != 30.0:
             argv += ["--nbd-timeout", f"{nbd.timeout:g}"]
+    argv += rbd_argv(opts.specs)
     for host, port in opts.tcp:
         argv += ["-l", str(port) if host is None else format_address(host, port)]
     for path in opts.unix:
@@ -532,6 +550,11 @@ def _layer_stats(layer: dict[str, Any]) -> str:
         if "cache" in rm:
             c = rm["cache"]
             text += f"; cache {c['hits']} hits, {c['misses']} misses, {c['dirty']} dirty bytes"
+    rb = layer.get("rbd")
+    if rb:
+        snap = f", snap id {rb['snap_id']}" if rb["snap_id"] is not None else ""
+        text += (f"; ceph client.{rb['client']}, image id {rb['image_id']}{snap}, "
+                 f"{rb['object_size'] >> 10} KiB objects")
     return text
 
 

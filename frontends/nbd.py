@@ -377,12 +377,14 @@ class Connection:
                     await trio.lowlevel.wait_readable(self.raw)
                     continue
                 return 0
-            # (not with a remote layer: its replies come through the event loop)
-            lone = len(self.server.connections) == 1 and self.device.local
+            # Not with a remote layer (its replies come through the event loop), nor
+            # while requests of this connection run in tasks: blocking the loop
+            # would hold back their replies.
+            lone = len(self.server.connections) == 1 and self.device.local and not (
+                self._nursery is not None and self._nursery.child_tasks)
             if lone and self._spin():
                 continue
-            if lone and select.select(
-                    [self.raw], [], [], LONE_CLIENT_WAIT)[0]:
+            if lone and select.select([self.raw], [], [], LONE_CLIENT_WAIT)[0]:
                 # A lone client waiting for our reply sends its next request
                 # within microseconds: a short wait in the kernel is far
                 # cheaper than a round trip through the event loop.

@@ -33,12 +33,14 @@ _LAYER_FLAGS = {
     "nbd_ro": ("nbd", False),
     "nbd_rw": ("nbd", True),
     "nbd_wb": ("nbd", True),
+    "rbd_ro": ("rbd", False),
+    "rbd_rw": ("rbd", True),
 }
 _WRITEBACK = {"nbd_wb"}
 
 
 class _OrderedLayers(click.Command):
-    """Keeps the command-line order of the layer flags (-f/-F/-e/-E/-n/-N/-X).
+    """Keeps the command-line order of the layer flags (-f/-F/-e/-E/-n/-N/-X/-c/-C).
 
     Layers stack in the order given, the last on top; click collects each
     option's values separately, so the parser's record of the order in which
@@ -115,6 +117,19 @@ def main() -> None:
               show_default=True, metavar="SECONDS",
               help="An NBD layer request without a reply (the remote unreachable) this long "
                    "fails with EIO.")
+@click.option("-c", "rbd_ro", multiple=True, metavar="rbd:POOL/IMAGE[@SNAP]",
+              help="Ceph RBD image or snapshot, read-only (docs/rbd.md).")
+@click.option("-C", "rbd_rw", multiple=True, metavar="rbd:POOL/IMAGE",
+              help="Ceph RBD image, writable.")
+@click.option("--ceph-conf", metavar="FILE",
+              help="ceph.conf for RBD layers (default: $CEPH_CONF, /etc/ceph/ceph.conf).")
+@click.option("--ceph-id", metavar="USER",
+              help="Ceph client id for RBD layers, without 'client.' (default: admin).")
+@click.option("--ceph-keyring", metavar="FILE",
+              help="Keyring for RBD layers (default: the one ceph.conf names).")
+@click.option("--ceph-timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+              metavar="SECONDS",
+              help="Connecting to Ceph, and every RBD operation, fails after this long.")
 @click.option("-l", "--listen", "listen", multiple=True, metavar="[HOST:]PORT",
               help=f"NBD TCP listener (default port {DEFAULT_NBD_PORT}; a bare port listens "
                    "on all addresses). Repeatable.")
@@ -149,8 +164,9 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
           listen: tuple[str, ...], unix_paths: tuple[str, ...], export_name: str,
           description: str, readonly: bool, oldstyle: bool, force: bool, manage: str,
           manage_token: str | None, manage_timeout: float, nbd_cache: str | None,
-          nbd_timeout: float, verbose: int, quiet: bool, mount: str | None = None,
-          **layer_flags: tuple[str, ...]) -> None:
+          nbd_timeout: float, ceph_conf: str | None, ceph_id: str | None,
+          ceph_keyring: str | None, ceph_timeout: float, verbose: int, quiet: bool,
+          mount: str | None = None, **layer_flags: tuple[str, ...]) -> None:
     """Serve a layered device over NBD.
 
     Layers stack in command-line order, the last one on top; only the top
@@ -188,6 +204,11 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
             cache = parse_size(nbd_cache, "--nbd-cache") if nbd_cache else 0
             specs = [replace(s, cache=cache, timeout=nbd_timeout) if s.kind == "nbd" else s
                      for s in specs]
+        if any(s.kind == "rbd" for s in specs):
+            from lbd.layers.rbd import CephOptions
+
+            ceph = CephOptions(ceph_conf, ceph_id, ceph_keyring, ceph_timeout)
+            specs = [replace(s, ceph=ceph) if s.kind == "rbd" else s for s in specs]
         if not specs:
             data_dir = default_data_dir()
             os.makedirs(data_dir, exist_ok=True)

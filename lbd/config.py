@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lbd.device import Device
 from lbd.errors import ConfigError
 from lbd.layer import Identity, Layer
+
+if TYPE_CHECKING:
+    from lbd.layers.rbd import CephOptions
 
 SECTOR = 512
 _SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
@@ -59,18 +63,19 @@ def format_address(host: str | None, port: int) -> str:
 class LayerSpec:
     """One layer flag: ``-f``/``-F`` flat, ``-e``/``-E`` expandable, ``-n``/``-N``/``-X`` NBD."""
 
-    kind: str  # "flat", "expandable" or "nbd"
+    kind: str  # "flat", "expandable", "nbd" or "rbd"
     param: str
     writable: bool
     writeback: bool = False  # nbd: -X, a write-back cache (exclusive access)
     cache: int = 0  # nbd: --nbd-cache bytes (0: none for -n, the default for -X)
     timeout: float = 30.0  # nbd: --nbd-timeout seconds
+    ceph: CephOptions | None = None  # rbd (-c/-C): --ceph-conf, --ceph-id, ...
 
     @property
     def flag(self) -> str:
         if self.kind == "nbd" and self.writeback and self.writable:
             return "-X"
-        letter = {"flat": "f", "expandable": "e", "nbd": "n"}[self.kind]
+        letter = {"flat": "f", "expandable": "e", "nbd": "n", "rbd": "c"}[self.kind]
         return "-" + (letter.upper() if self.writable else letter)
 
 
@@ -95,6 +100,11 @@ def open_layer(spec: LayerSpec, size: int, below: Layer | None, force: bool) -> 
         return NBDLayer(parse_target(spec.param, spec.flag), size, spec.writable,
                         writeback=spec.writeback and spec.writable, cache=spec.cache,
                         timeout=spec.timeout)
+    if spec.kind == "rbd":
+        from lbd.layers.rbd import RBDLayer, parse_target
+
+        return RBDLayer(parse_target(spec.param, spec.flag), size, spec.writable, spec.ceph,
+                        spec.flag)
     if spec.kind == "expandable":
         ident = below.identity() if below is not None else Identity()
         # only a writable change file (-E) is created when missing; -e opens an existing one

@@ -125,6 +125,13 @@ def write_round(srv: LBD, d: Path, seed: int, shift: int, kill_after: float
         with open(d / "write.out", "w") as out:
             fio = subprocess.Popen(["fio", str(jf)], cwd=d, stdout=out,
                                    stderr=subprocess.STDOUT, env=fio_env())
+            # every job must be connected before the kill: one that never
+            # connected saves no verify state (and proves nothing)
+            deadline = time.monotonic() + 60
+            while (d / "write.out").read_text().count("connected to NBD server") < 4:
+                assert fio.poll() is None and time.monotonic() < deadline, \
+                    f"fio jobs did not connect:\n{(d / 'write.out').read_text()}"
+                time.sleep(0.01)
             time.sleep(kill_after)
             mid = fio.poll() is None
             srv.kill9()
@@ -185,7 +192,7 @@ def test_kill9_under_fio_verify_keeps_every_acknowledged_write(lbd_server,
         d.mkdir()
         seed, shift = 1000 + r, (r % 8) * 512
         srv = lbd_server(args)
-        sent, acked, mid = write_round(srv, d, seed, shift, kill_after=rng.uniform(0.3, 1.5))
+        sent, acked, mid = write_round(srv, d, seed, shift, kill_after=rng.uniform(0.0, 0.4))
         mid_workload += mid
         assert acked, f"round {r}: nothing was acknowledged before the kill"
         acked_total += len(acked)

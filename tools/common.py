@@ -15,7 +15,7 @@ import stat
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from lbd.layers import changefile
@@ -28,6 +28,9 @@ from lbd.layers.intent import refuse_if_unfinished
 from lbd.errors import ConfigError, CorruptionError, LBDError
 from lbd.extentmap import ZERO, ExtentMap
 from lbd.layer import ID_CHANGE, ID_IMAGE, ID_NONE, Identity
+
+if TYPE_CHECKING:
+    from lbd.layers.rbd import CephOptions
 
 SECTOR = 512
 
@@ -71,6 +74,27 @@ def size_option(text: str | None) -> int | None:
         raise click.UsageError(str(exc)) from None
 
 
+def ceph_options(conf: str | None, client_id: str | None,
+                 keyring: str | None) -> CephOptions | None:
+    """--ceph-conf/--ceph-id/--ceph-keyring, for a base named rbd:... (docs/rbd.md)."""
+    if not (conf or client_id or keyring):
+        return None
+    from lbd.layers.rbd import CephOptions
+
+    return CephOptions(conf, client_id, keyring)
+
+
+def ceph_click_options(fn: Any) -> Any:
+    """The Ceph options of the tools, as ``lbd serve`` names them."""
+    for opt in reversed([
+        click.option("--ceph-conf", metavar="FILE", help="ceph.conf for an rbd:... base."),
+        click.option("--ceph-id", metavar="USER", help="Ceph client id (default admin)."),
+        click.option("--ceph-keyring", metavar="FILE", help="Keyring for the Ceph client."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
 def drop_cache(fd: int) -> None:
     """So a verify reads the disk, not what the tool just left in the page cache."""
     try:
@@ -110,6 +134,8 @@ class Opened:
     size: int | None  # device size (None: a v1 file alone does not say)
     cf: AnyChangeFile | None = None
     _identity: Identity | None = field(default=None, repr=False)
+    # other ids that read the same (an RBD image's head: its unchanged snapshots)
+    aliases: list[Identity] = field(default_factory=list, repr=False)
 
     @property
     def name(self) -> str:
@@ -119,7 +145,7 @@ class Opened:
     def format(self) -> str:
         return {"native": "LBD change file, version 2",
                 "v1": "original LBD change file, version 1",
-                "raw": "raw image"}[self.kind]
+                "raw": "raw image", "rbd": "Ceph RBD image"}[self.kind]
 
     def identity(self) -> Identity:
         """What a change file created on top of this one records as its parent."""
@@ -226,7 +252,8 @@ class Stack:
                                   "not checked")
             elif not (skip_first and i == 0 and below is self.base):
                 want = below.identity() if below is not None else Identity(ID_NONE)
-                if not parent.same(want):
+                if not parent.same(want) and not any(
+                        parent.same(a) for a in (below.aliases if below else [])):
                     msg = (f"{f.path} was created on top of {parent}, but below it here is "
                            f"{_describe(below, want)}; they do not belong together")
                     if not force:
@@ -272,17 +299,19 @@ def _describe(f: Opened | None, ident: Identity) -> str:
 
 def open_stack(base: str | None, changes: list[str], *, size: int | None = None,
                writable: str | None = None, exclusive: bool = False,
-               io_class: type[FileIO] = FileIO, half_merged_ok: str | bool = False) -> Stack:
+               io_class: type[FileIO] = FileIO, half_merged_ok: str | bool = False,
+               ceph: CephOptions | None = None) -> Stack:
     """Open a base and change files (bottom first); ``writable`` names one to write.
 
     The device size comes from ``size``, else the native change files'
     headers, else the base; every file must agree.  A half-merged file (an
     interrupted lbd-merge into it) is refused, except ``half_merged_ok``
     (the target a merge resumes; True: all, for lbd-inspect to report).
+    A base named ``rbd:POOL/IMAGE[@SNAP]`` is an RBD image (tools/rbdtool.py).
     """
     if not changes and base is None:
         raise ToolError("nothing to work on: give change files (and -f BASE)")
-    for p in ([base] if base else []) + changes:
+    for p in ([base] if base and not base.startswith("rbd:") else []) + changes:
         if half_merged_ok is not True and p != half_merged_ok:
             try:
                 refuse_if_unfinished(p, "file")
@@ -293,7 +322,14 @@ def open_stack(base: str | None, changes: list[str], *, size: int | None = None,
         if size is None:
             size = _size_hint(base, changes)
         b = None
-        if base is not None:
+        if base is not None and base.startswith("rbd:"):
+            from .rbdtool import open_rbd
+
+            b = open_rbd(base, size=size, writable=writable == base, ceph=ceph,
+                         half_merged_ok=half_merged_ok in (True, base))
+            opened.append(b)
+            size = size or b.size
+        elif base is not None:
             b = open_file(base, writable=writable == base, size=size, exclusive=exclusive,
                           io_class=io_class)
             opened.append(b)

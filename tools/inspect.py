@@ -34,6 +34,8 @@ from .common import (
     Stack,
     ToolCommand,
     ToolError,
+    ceph_click_options,
+    ceph_options,
     decode,
     human,
     iter_runs,
@@ -54,6 +56,8 @@ def describe(f: Opened) -> dict[str, Any]:
     """Everything ``lbd-inspect`` says about one opened file."""
     d: dict[str, Any] = {"file": f.path, "format": f.kind, "format_name": f.format,
                          "device_size": f.size}
+    if f.kind == "rbd":
+        return _describe_rbd(f, d)
     st = os.stat(f.path)
     d["file_bytes"] = st.st_size
     d["allocated_bytes"] = st.st_blocks * 512
@@ -84,6 +88,25 @@ def describe(f: Opened) -> dict[str, Any]:
     rec = read_intent(f.path)
     if rec is not None:
         d["unfinished_merge"] = {"record": intent_path(f.path),
+                                 "command": rec.get("command", "?")}
+    return d
+
+
+def _describe_rbd(f: Opened, d: dict[str, Any]) -> dict[str, Any]:
+    from .rbdtool import layer_of
+
+    layer = layer_of(f)
+    info = layer.info()["rbd"]
+    d["id"] = f.identity().ident.hex()
+    d["id_note"] = (f"cluster, pool, image id {info['image_id']}"
+                    + (f", snapshot id {info['snap_id']}" if info["snap_id"] is not None
+                       else " (head)"))
+    data = sum(n for _, n, is_data in f.io.seek_data_holes(0, f.size or 0) if is_data)
+    d.update(data_bytes=data, zero_bytes=(f.size or 0) - data, rbd=info)
+    d["data_note"] = f"RADOS objects that exist ({info['object_size'] >> 10} KiB each)"
+    rec = layer.merge_intent()
+    if rec is not None:
+        d["unfinished_merge"] = {"record": f"image metadata {f.path}",
                                  "command": rec.get("command", "?")}
     return d
 
@@ -158,10 +181,17 @@ def check(f: Opened) -> dict[str, Any]:
     problems: list[str] = []
     leaks: list[str] = []
     notes: list[str] = []
-    rec = read_intent(f.path)
+    if f.kind == "rbd":
+        from .rbdtool import layer_of
+
+        rec = layer_of(f).merge_intent()
+        where = f"image metadata of {f.path}"
+    else:
+        rec = read_intent(f.path)
+        where = intent_path(f.path)
     if rec is not None:
         problems.append(f"half-merged: an lbd-merge into it was interrupted "
-                        f"({intent_path(f.path)}); re-run: {rec.get('command', '?')}")
+                        f"({where}); re-run: {rec.get('command', '?')}")
     if f.kind == "native":
         _check_native(f, problems, leaks, notes)
     elif f.kind == "v1":
@@ -174,6 +204,8 @@ def check(f: Opened) -> dict[str, Any]:
         if c.shared_blocks:
             notes.append(f"{c.shared_blocks} data blocks are referenced by several entries "
                          "(LBD copies such blocks before rewriting them)")
+    elif f.kind == "rbd":
+        notes.append("an RBD image has no structure to check here (Ceph scrubs it)")
     else:
         notes.append("a raw image has no structure to check")
     result = "corrupt" if problems else "leaks" if leaks else "clean"
@@ -262,7 +294,11 @@ def render(d: dict[str, Any]) -> str:
         ext = f" ({d['extents']} extents with zero)" if "extents" in d else ""
         row("data", f"{human(d['data_bytes'])}{ext}")
         row("zero", human(d["zero_bytes"]))
-        row("file size", f"{human(d['file_bytes'])} (allocated {human(d['allocated_bytes'])})")
+        if "file_bytes" in d:
+            row("file size", f"{human(d['file_bytes'])} (allocated "
+                             f"{human(d['allocated_bytes'])})")
+        if "data_note" in d:
+            row("", d["data_note"])
     if "live_bytes" in d:
         row("live / dead", f"{human(d['live_bytes'])} / {human(d['dead_bytes'])}")
     if "journal" in d:
@@ -309,7 +345,8 @@ def render_map(rows: list[dict[str, Any]], stack: bool) -> str:
 @click.command("inspect", cls=ToolCommand,
                context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("files", nargs=-1, metavar="FILE...")
-@click.option("-f", "--base", metavar="BASE", help="Stack mode: the raw base image.")
+@click.option("-f", "--base", metavar="BASE",
+              help="Stack mode: the raw base image, or an RBD image rbd:POOL/IMAGE[@SNAP].")
 @click.option("-e", "--change", "changes", multiple=True, metavar="FILE",
               help="Stack mode: a change file, bottom first (repeatable).")
 @click.option("-s", "--size", "size_text", metavar="SIZE",
@@ -320,9 +357,11 @@ def render_map(rows: list[dict[str, Any]], stack: bool) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--force", is_flag=True, help="Stack mode: show files that do not belong "
               "together anyway.")
+@ceph_click_options
 def main(files: tuple[str, ...], base: str | None, changes: tuple[str, ...],
          size_text: str | None, with_map: bool, with_check: bool, as_json: bool,
-         force: bool) -> None:
+         force: bool, ceph_conf: str | None, ceph_id: str | None,
+         ceph_keyring: str | None) -> None:
     """Show what change files hold and check that they are sound.
 
     \b
@@ -355,7 +394,8 @@ def main(files: tuple[str, ...], base: str | None, changes: tuple[str, ...],
             click.echo(json.dumps(results if len(files) > 1 else (results or [None])[0],
                                   indent=1))
     else:
-        d, code = _stack(base, list(changes), size, with_map, with_check, force)
+        d, code = _stack(base, list(changes), size, with_map, with_check, force,
+                         ceph_options(ceph_conf, ceph_id, ceph_keyring))
         codes.append(code)
         if d is not None:
             if as_json:
@@ -413,9 +453,10 @@ def _one(path: str, size: int | None, with_map: bool,
 
 
 def _stack(base: str | None, changes: list[str], size: int | None, with_map: bool,
-           with_check: bool, force: bool) -> tuple[dict[str, Any] | None, int]:
+           with_check: bool, force: bool,
+           ceph: Any = None) -> tuple[dict[str, Any] | None, int]:
     try:
-        stack = open_stack(base, changes, size=size, half_merged_ok=True)
+        stack = open_stack(base, changes, size=size, half_merged_ok=True, ceph=ceph)
     except LBDError as exc:
         click.echo(f"lbd-inspect: error: {exc}", err=True)
         return None, EXIT_CORRUPT if isinstance(exc, CorruptionError) else EXIT_ERROR

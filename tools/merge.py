@@ -21,6 +21,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import click
 from lbd.layers.changefile import ChangeFile
@@ -36,6 +37,8 @@ from .common import (
     Stack,
     ToolCommand,
     ToolError,
+    ceph_click_options,
+    ceph_options,
     die,
     drop_cache,
     human,
@@ -44,6 +47,7 @@ from .common import (
     size_option,
 )
 from .progress import Progress
+from .rbdtool import is_rbd, layer_of
 from .transfer import (
     Plan,
     apply_to_change_file,
@@ -71,13 +75,14 @@ class MergeOptions:
     remove: bool = False
     progress: bool | None = None  # None: when stderr is a terminal
     command: str = "lbd-merge"
+    ceph: Any = None  # CephOptions for rbd:... names (docs/rbd.md)
     report: list[str] = field(default_factory=list)
 
 
 def merge(opts: MergeOptions, io_class: type[FileIO] = FileIO) -> list[str]:
     """Run one merge; returns the report lines.  Raises ToolError / LBDError."""
     paths = ([opts.base] if opts.base else []) + opts.changes
-    absolute = [os.path.realpath(p) for p in paths]
+    absolute = [p if is_rbd(p) else os.path.realpath(p) for p in paths]
     if len(set(absolute)) != len(absolute):
         raise ToolError("a file is given twice")
     if not opts.changes:
@@ -95,10 +100,11 @@ def merge(opts: MergeOptions, io_class: type[FileIO] = FileIO) -> list[str]:
 
 def _merge_in_place(opts: MergeOptions, io_class: type[FileIO]) -> list[str]:
     target_path = opts.base if opts.base is not None else opts.changes[0]
-    rec = read_intent(target_path)
+    in_rbd = is_rbd(target_path)  # the intent record is in the image's metadata
+    rec = None if in_rbd else read_intent(target_path)
     try:
         stack = open_stack(opts.base, opts.changes, size=opts.size, writable=target_path,
-                           io_class=io_class, half_merged_ok=target_path)
+                           io_class=io_class, half_merged_ok=target_path, ceph=opts.ceph)
     except ToolError as exc:
         if rec is not None:
             raise ToolError(f"{exc} (an interrupted merge into {target_path} is pending: "
@@ -110,9 +116,12 @@ def _merge_in_place(opts: MergeOptions, io_class: type[FileIO]) -> list[str]:
         else:
             target, sources = stack.changes[0], stack.changes[1:]
         assert target is not None
+        if in_rbd:
+            rec = layer_of(target).merge_intent()
         record = {
             "tool": "lbd-merge", "version": 1,
-            "target": os.path.realpath(target.path), "target_format": target.kind,
+            "target": target.path if in_rbd else os.path.realpath(target.path),
+            "target_format": target.kind,
             "sources": [{"path": os.path.realpath(f.path), "id": f.identity().ident.hex()}
                         for f in sources],
             "command": opts.command, "started_ns": time.time_ns(),
@@ -122,7 +131,8 @@ def _merge_in_place(opts: MergeOptions, io_class: type[FileIO]) -> list[str]:
             if rec.get("target") != record["target"] or rec.get("sources") != record["sources"]:
                 raise ToolError(
                     f"{target.path}: another merge into it was interrupted "
-                    f"({intent_path(target.path)}); finish that one first: "
+                    f"({'image metadata' if in_rbd else intent_path(target.path)}); finish "
+                    "that one first: "
                     f"{rec.get('command', '?')}")
             resuming = True
             opts.report.append(f"resuming the interrupted merge into {target.path}")
@@ -138,7 +148,10 @@ def _merge_in_place(opts: MergeOptions, io_class: type[FileIO]) -> list[str]:
         plan = make_plan(overlay, stack.size)
         t0 = time.monotonic()
         if not resuming:
-            write_intent(target.path, record, io_class)
+            if in_rbd:
+                layer_of(target).set_merge_intent(record)
+            else:
+                write_intent(target.path, record, io_class)
         with Progress(f"merging into {target.name}", plan.data_bytes + plan.zero_bytes,
                       enabled=opts.progress) as bar:
             if target.cf is None:
@@ -152,7 +165,10 @@ def _merge_in_place(opts: MergeOptions, io_class: type[FileIO]) -> list[str]:
             _verify_in_place(plan, overlay, sources, target, opts)
         if target.cf is not None:
             target.cf.close(clean=True)  # the index snapshot, synced
-        clear_intent(target.path, io_class)
+        if in_rbd:
+            layer_of(target).clear_merge_intent()
+        else:
+            clear_intent(target.path, io_class)
         names = ", ".join(f.path for f in sources)
         opts.report.append(
             f"merged {names} into {target.path}: {human(plan.data_bytes)} of data and "
@@ -199,6 +215,10 @@ def _verify_in_place(plan: Plan, overlay: object, sources: list[Opened], target:
 def _merge_to_new(opts: MergeOptions, io_class: type[FileIO]) -> list[str]:
     out = opts.output
     assert out is not None
+    if is_rbd(out):
+        if opts.out_format not in (None, "raw"):
+            raise ToolError(f"-O {opts.out_format}: an RBD image is written whole (raw)")
+        return _merge_to_rbd(opts)
     fmt = opts.out_format or ("lbd" if out.endswith(".lbd") else "raw")
     if fmt not in ("raw", "lbd"):
         raise ToolError(f"-O {fmt}: the output format is raw or lbd")
@@ -208,7 +228,8 @@ def _merge_to_new(opts: MergeOptions, io_class: type[FileIO]) -> list[str]:
                                  ([opts.base] if opts.base else []) + opts.changes}:
         raise ToolError(f"{out} is one of the inputs")
     tmp = out + TMP_SUFFIX
-    stack = open_stack(opts.base, opts.changes, size=opts.size, io_class=io_class)
+    stack = open_stack(opts.base, opts.changes, size=opts.size, io_class=io_class,
+                       ceph=opts.ceph)
     try:
         # a lone change-file stack writing a change file keeps the lowest one's parent
         stack.check_chain(opts.force, skip_first=opts.base is None and fmt == "lbd")
@@ -245,24 +266,83 @@ def _write_raw(stack: Stack, plan: Plan, tmp: str, opts: MergeOptions,
     try:
         io.lock("output image")
         io.truncate(stack.size)
-        base_runs = []
-        if stack.base is not None:
-            base_runs = [(o, n) for o, n, is_data in
-                         stack.base.io.seek_data_holes(0, stack.size) if is_data]
-        total = sum(n for _, n in base_runs) + plan.data_bytes + plan.zero_bytes
-        with Progress(f"writing {os.path.basename(opts.output or tmp)}", total,
-                      enabled=opts.progress) as bar:
-            for o, n in base_runs:
-                for k in range(0, n, 64 << 20):
-                    m = min(64 << 20, n - k)
-                    assert stack.base is not None
-                    io.copy_from(stack.base.io, o + k, m, o + k)
-                    bar.add(m)
-            apply_to_raw(plan, stack.changes, io, bar)
+        total = _fill(stack, plan, io, os.path.basename(opts.output or tmp), opts)
         io.fdatasync()
         return total
     finally:
         io.close()
+
+
+def _fill(stack: Stack, plan: Plan, io: Any, label: str, opts: MergeOptions) -> int:
+    """Write the whole stack into an empty image: the base's data, then the plan."""
+    base_runs = []
+    if stack.base is not None:
+        base_runs = [(o, n) for o, n, is_data in
+                     stack.base.io.seek_data_holes(0, stack.size) if is_data]
+    total = sum(n for _, n in base_runs) + plan.data_bytes + plan.zero_bytes
+    with Progress(f"writing {label}", total, enabled=opts.progress) as bar:
+        for o, n in base_runs:
+            for k in range(0, n, 64 << 20):
+                m = min(64 << 20, n - k)
+                assert stack.base is not None
+                io.copy_from(stack.base.io, o + k, m, o + k)
+                bar.add(m)
+        apply_to_raw(plan, stack.changes, io, bar)
+    return total
+
+
+def _merge_to_rbd(opts: MergeOptions) -> list[str]:
+    """-o rbd:POOL/IMAGE[@SNAP]: the stack as a new RBD image (IMAGE.lbd-tmp, renamed)."""
+    from .rbdtool import NewImage
+
+    stack = open_stack(opts.base, opts.changes, size=opts.size, ceph=opts.ceph)
+    new: NewImage | None = None
+    out: Opened | None = None
+    try:
+        stack.check_chain(opts.force)
+        opts.report += [f"note: {n}" for n in stack.notes]
+        overlay = stack.overlay()
+        plan = make_plan(overlay, stack.size)
+        new = NewImage(opts.output or "", stack.size, opts.ceph)
+        out = new.open()
+        t0 = time.monotonic()
+        written = _fill(stack, plan, out.io, str(new.target), opts)
+        out.io.fdatasync()
+        elapsed = time.monotonic() - t0
+        opts.report.append(
+            f"wrote {new.target} (RBD image, {human(stack.size)} device): {human(written)} "
+            f"copied in {elapsed:.2f} s ({human(int(written / max(elapsed, 1e-6)))}/s)")
+        if opts.verify:
+            _verify_image(stack, overlay, out, opts)
+        out.close()
+        out = None
+        new.finish()
+        if new.target.snap is not None:
+            opts.report.append(f"snapshot {new.target.snap} created and protected")
+    except BaseException:
+        if out is not None:
+            out.close()
+        if new is not None:
+            new.discard()
+        raise
+    finally:
+        if new is not None:
+            new.close()
+        stack.close()
+    return opts.report
+
+
+def _verify_image(stack: Stack, overlay: Any, out: Opened, opts: MergeOptions) -> None:
+    want = bytearray(8 << 20)
+    got = bytearray(8 << 20)
+    for off, n in whole_device(stack.size):
+        w, g = memoryview(want)[:n], memoryview(got)[:n]
+        read_plan_range(stack.changes, overlay, stack.base, off, w)
+        out.io.readinto(g, off)
+        if w != g:
+            raise ToolError(f"verify: the new image differs from the stack at bytes "
+                            f"{off}..{off + n - 1}")
+    opts.report.append(f"verified: {opts.output} reads back as the stack")
 
 
 def _write_change_file(stack: Stack, plan: Plan, tmp: str, opts: MergeOptions,
@@ -327,11 +407,14 @@ def _verify_new(stack: Stack, overlay: object, plan: Plan, tmp: str, fmt: str,
 
 
 @click.command("merge", cls=ToolCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-f", "--base", metavar="BASE", help="The raw base image (the target when no -o).")
+@click.option("-f", "--base", metavar="BASE",
+              help="The raw base image, or an RBD image rbd:POOL/IMAGE[@SNAP] (the target "
+                   "when no -o).")
 @click.option("-e", "--change", "changes", multiple=True, metavar="FILE",
               help="A change file, bottom first (repeatable).")
 @click.option("-o", "--output", metavar="OUT",
-              help="Write a new file instead of merging in place.")
+              help="Write a new file (or RBD image rbd:POOL/IMAGE[@SNAP]) instead of "
+                   "merging in place.")
 @click.option("-O", "--output-format", "out_format", type=click.Choice(["raw", "lbd"]),
               help="raw: a flat image of the whole device; lbd: one change file. "
                    "Default: lbd if OUT ends in .lbd, else raw.")
@@ -343,9 +426,11 @@ def _verify_new(stack: Stack, overlay: object, plan: Plan, tmp: str, fmt: str,
               help="After an in-place merge, delete the change files merged.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: when stderr is a terminal).")
+@ceph_click_options
 def main(base: str | None, changes: tuple[str, ...], output: str | None,
          out_format: str | None, size_text: str | None, verify: bool, force: bool,
-         remove: bool, progress: bool | None) -> None:
+         remove: bool, progress: bool | None, ceph_conf: str | None, ceph_id: str | None,
+         ceph_keyring: str | None) -> None:
     """Merge change files into the file below them, or into a new file.
 
     \b
@@ -353,6 +438,8 @@ def main(base: str | None, changes: tuple[str, ...], output: str | None,
       lbd-merge -e day1.lbd -e day2.lbd                 merge day2 into day1
       lbd-merge -f base.img -e day1.lbd -o new.img      a new flat image
       lbd-merge -f base.img -e d1.lbd -e d2.lbd -o all.lbd   one change file
+      lbd-merge -f rbd:rbd/golden -e c.lbd               commit into an RBD image
+      lbd-merge -f rbd:rbd/golden@v1 -e c.lbd -o rbd:rbd/golden2@v1   a new RBD image
 
     Files must belong together (each change file records the id of the
     layer it was created on); --force overrides.  An in-place merge that
@@ -369,7 +456,8 @@ def main(base: str | None, changes: tuple[str, ...], output: str | None,
         shlex.join([prog if prog.startswith("lbd") else "lbd-merge", *sys.argv[1:]])
     opts = MergeOptions(base=base, changes=list(changes), output=output, out_format=out_format,
                         size=size, verify=verify, force=force, remove=remove,
-                        progress=progress, command=command)
+                        progress=progress, command=command,
+                        ceph=ceph_options(ceph_conf, ceph_id, ceph_keyring))
     try:
         for line in merge(opts):
             click.echo(line)

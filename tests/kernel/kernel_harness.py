@@ -68,21 +68,23 @@ def sha256(data: bytes | Path) -> str:
 # -- servers ------------------------------------------------------------------------------
 
 
-def lbd_command(lbd: str, *, socket: Path, size: str | None, layers: Sequence[tuple[str, Path]],
-                export: str, readonly: bool) -> list[str]:
+def lbd_command(lbd: str, *, socket: Path, size: str | None,
+                layers: Sequence[tuple[str, Path | str]], export: str, readonly: bool,
+                extra: Sequence[str] = ()) -> list[str]:
     """The ``lbd serve`` command line: the one place it is built.
 
     ``layers`` are (flag, file) pairs in stacking order, last on top: ``-f``/``-e``
-    read-only flat image / change file, ``-F``/``-E`` writable ones.
+    read-only flat image / change file, ``-F``/``-E`` writable ones, ``-c``/``-C``
+    an RBD image (``rbd:POOL/IMAGE@SNAP``, with ``--ceph-conf`` in ``extra``).
     """
     cmd = [lbd, "serve"]
     if size is not None:
         cmd += ["-s", size]
     for flag, path in layers:
-        if flag not in ("-f", "-F", "-e", "-E"):
+        if flag not in ("-f", "-F", "-e", "-E", "-c", "-C"):
             raise ValueError(f"unknown layer flag {flag!r}")
         cmd += [flag, str(path)]
-    cmd += ["--unix", str(socket), "-x", export, "-a", "none"]  # no management daemon
+    cmd += [*extra, "--unix", str(socket), "-x", export, "-a", "none"]  # no management daemon
     if readonly:
         cmd.append("--readonly")
     return cmd
@@ -168,11 +170,11 @@ class Servers:
         self.sockdir = sockdir  # short: Unix socket paths are limited to 108 bytes
         self.started: list[Server] = []
 
-    def start(self, name: str, *, size: str | None, layers: Sequence[tuple[str, Path]],
-              export: str = "lbd", readonly: bool = False) -> Server:
+    def start(self, name: str, *, size: str | None, layers: Sequence[tuple[str, Path | str]],
+              export: str = "lbd", readonly: bool = False, extra: Sequence[str] = ()) -> Server:
         socket = self.sockdir / f"{name}.sock"
         argv = lbd_command(self.lbd, socket=socket, size=size, layers=layers, export=export,
-                           readonly=readonly)
+                           readonly=readonly, extra=extra)
         log_path = self.workdir / f"server-{name}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
