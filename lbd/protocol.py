@@ -236,7 +236,9 @@ class ServerHandshake:
                 break
             if length > MAX_OPTION_LENGTH:
                 # we cannot skip what we will not buffer: refuse and hang up
-                out += _opt_reply(opt, REP_ERR_TOO_BIG, b"option too long")
+                # (EXPORT_NAME has no replies: the client expects none)
+                if opt != OPT_EXPORT_NAME:
+                    out += _opt_reply(opt, REP_ERR_TOO_BIG, b"option too long")
                 self._close(f"option {opt} of {length} bytes is too long")
                 break
             if len(self._buf) < 16 + length:

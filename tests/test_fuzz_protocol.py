@@ -171,19 +171,25 @@ def check_against_framing(data: bytes, hs: P.ServerHandshake, out: bytes) -> Non
     opts, end, _ = frame(data)
     if hs.state == P.DONE:
         assert hs.negotiated is not None and hs.negotiated.export == EXPORT
-    if end in ("closed", "too-big"):
-        assert hs.state == P.CLOSED and hs.close_reason
     # the option that finished the handshake (GO or EXPORT_NAME) is the last one processed
+    # (after a successful GO, what follows is transmission-phase data: leftover)
+    consumed = len(data) - len(hs.leftover) if hs.state == P.DONE else -1
     done_at = None
-    for i, (opt, _body) in enumerate(opts):
+    offset = 4
+    for i, (opt, body) in enumerate(opts):
+        offset += 16 + len(body)
         if opt == P.OPT_ABORT:
             done_at = i
             break
         if opt == P.OPT_EXPORT_NAME:
             done_at = i
             break
-        if opt == P.OPT_GO and hs.state == P.DONE and i == len(opts) - 1:
+        if opt == P.OPT_GO and offset == consumed:
             done_at = i
+            break
+    if end in ("closed", "too-big") and done_at is None:
+        # (an option that ended the handshake before the bad framing wins)
+        assert hs.state == P.CLOSED and hs.close_reason
     processed = opts if done_at is None else opts[:done_at + 1]
     if processed and processed[-1][0] == P.OPT_EXPORT_NAME:
         name_ok = processed[-1][1] == b"disk"
