@@ -151,19 +151,24 @@ class NBDLayer(Layer):
         return [Request(P.CMD_READ, o, n, view=view[o - offset:o - offset + n])
                 for o, n in self._pieces(offset, len(view))]
 
+    def _write_requests(self, offset: int, buffers: Sequence[Buffer], nbytes: int,
+                        fua: bool) -> tuple[int, list[Request]]:
+        """The WRITE requests for one write, split to the remote's maximum block
+        size, and their flags (FUA only where the remote takes it)."""
+        flags = P.CMDF_FUA if fua and self.export.can(P.TF_SEND_FUA) else 0
+        if nbytes <= self.max_block:
+            return flags, [Request(P.CMD_WRITE, offset, nbytes, flags, payload=list(buffers))]
+        whole = b"".join(buffers) if len(buffers) > 1 else buffers[0]
+        mv = memoryview(whole).cast("B")
+        return flags, [Request(P.CMD_WRITE, o, n, flags, payload=[mv[o - offset:o - offset + n]])
+                       for o, n in self._pieces(offset, nbytes)]
+
     def _remote_read(self, offset: int, view: memoryview) -> None:
         self.client.call(self._read_requests(offset, view))
 
     def _remote_write(self, offset: int, buffers: Sequence[Buffer], nbytes: int,
                       fua: bool) -> None:
-        flags = P.CMDF_FUA if fua and self.export.can(P.TF_SEND_FUA) else 0
-        if nbytes <= self.max_block:
-            reqs = [Request(P.CMD_WRITE, offset, nbytes, flags, payload=list(buffers))]
-        else:
-            whole = b"".join(buffers) if len(buffers) > 1 else buffers[0]
-            mv = memoryview(whole).cast("B")
-            reqs = [Request(P.CMD_WRITE, o, n, flags, payload=[mv[o - offset:o - offset + n]])
-                    for o, n in self._pieces(offset, nbytes)]
+        flags, reqs = self._write_requests(offset, buffers, nbytes, fua)
         self.client.call(reqs)
         if fua and not flags:
             self._remote_flush()
@@ -301,14 +306,7 @@ class NBDLayer(Layer):
             await super().awrite(offset, buffers, nbytes, fua)  # a worker thread
             return
         self._dirty = True
-        flags = P.CMDF_FUA if fua and self.export.can(P.TF_SEND_FUA) else 0
-        if nbytes <= self.max_block:
-            reqs = [Request(P.CMD_WRITE, offset, nbytes, flags, payload=list(buffers))]
-        else:
-            whole = b"".join(buffers) if len(buffers) > 1 else buffers[0]
-            mv = memoryview(whole).cast("B")
-            reqs = [Request(P.CMD_WRITE, o, n, flags, payload=[mv[o - offset:o - offset + n]])
-                    for o, n in self._pieces(offset, nbytes)]
+        flags, reqs = self._write_requests(offset, buffers, nbytes, fua)
         await self.client.acall(reqs)
         if self.bcache is not None:
             self.bcache.drop(offset, nbytes)  # after: a fill racing the write goes stale
