@@ -332,7 +332,11 @@ class Connection:
         self._stopping = False
         self._nursery: trio.Nursery | None = None
         self._dead = False
-        self._wbatch: list[tuple[int, int, memoryview, bool]] = []
+        # aligned writes waiting for _commit_writes: (offset, payload), their
+        # handles, and the positions of those with FUA
+        self._wbatch: list[tuple[int, memoryview]] = []
+        self._whandles: list[int] = []
+        self._wfua: list[int] = []
 
     def info(self) -> dict[str, object]:
         return {"id": self.cid, "peer": self.peer, "export": self.export_name,
@@ -576,8 +580,8 @@ class Connection:
                             and offset + length <= size and batchable):
                         # the hot path: a plain aligned write, committed with the
                         # others of this receive (_commit_writes)
-                        self._wbatch.append((handle, offset, mv[start + req_size:start + total],
-                                             False))
+                        self._wbatch.append((offset, mv[start + req_size:start + total]))
+                        self._whandles.append(handle)
                     else:
                         self._write(flags, handle, offset, length,
                                     mv[start + req_size:start + total])
@@ -792,7 +796,10 @@ class Connection:
             return
         if not (offset | length) & 511 and not self.readonly:
             # aligned writes of one receive are committed together (_commit_writes)
-            self._wbatch.append((handle, offset, payload, fua))
+            self._wbatch.append((offset, payload))
+            self._whandles.append(handle)
+            if fua:
+                self._wfua.append(len(self._wbatch) - 1)
             return
         self._commit_writes()
         self._write_one(handle, offset, payload, fua)
@@ -819,25 +826,32 @@ class Connection:
         batch = self._wbatch
         if not batch:
             return
-        self._wbatch = []
+        handles, fua = self._whandles, self._wfua
+        self._wbatch, self._whandles = [], []
+        if fua:
+            self._wfua = []
         try:
-            self.device.write_batch([(offset, payload) for _, offset, payload, _ in batch])
+            # checked: every write here is aligned, non-empty and in range
+            # (_serve and _write check), and the export is writable
+            self.device.write_batch(batch, checked=True)
         except Exception:
-            for handle, offset, payload, fua in batch:  # one by one, for exact errors
-                self._write_one(handle, offset, payload, fua)
+            for i, (offset, payload) in enumerate(batch):  # one by one, for exact errors
+                self._write_one(handles[i], offset, payload, i in fua)
             return
-        durable = []
         pack = P.SIMPLE_REPLY.pack
         magic = P.SIMPLE_REPLY_MAGIC
         out = self._out
-        for handle, _, _, fua in batch:
-            if fua:
-                durable.append(handle)
-            else:
-                out.append(pack(magic, 0, handle))
-        self._out_bytes += P.SIMPLE_REPLY.size * (len(batch) - len(durable))
-        if durable:
-            self._spawn(self._flush_async, P.CMD_WRITE, durable)
+        if fua:
+            durable = set(fua)
+            for i, handle in enumerate(handles):
+                if i not in durable:
+                    out.append(pack(magic, 0, handle))
+            self._out_bytes += P.SIMPLE_REPLY.size * (len(handles) - len(fua))
+            self._spawn(self._flush_async, P.CMD_WRITE, [handles[i] for i in fua])
+            return
+        for handle in handles:
+            out.append(pack(magic, 0, handle))
+        self._out_bytes += P.SIMPLE_REPLY.size * len(handles)
 
     async def _dispatch_async(self, cmd: int, flags: int, handle: int, offset: int,
                               length: int, payload: bytes | None) -> None:

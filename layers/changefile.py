@@ -41,6 +41,7 @@ ENTRY_SIZE = 64
 AREA_SLOTS = 1024  # entries per journal area; the last slot holds NEXT
 AREA_SIZE = AREA_SLOTS * ENTRY_SIZE
 DATA_ALIGN = 4096
+_ALIGN_MASK = DATA_ALIGN - 1
 GROW_STEP = 64 << 20  # the file is extended (sparsely) this much at a time
 
 # journal entry types
@@ -449,7 +450,12 @@ class ChangeFile:
         self.write_batch([(sector, buffers, nbytes)])
 
     def write_batch(self, items: Sequence[tuple[int, Sequence[Buffer], int]]) -> None:
-        """Apply several writes with one data write and one journal write.
+        """``(sector, buffers, nbytes)`` writes: :meth:`write_blocks` with sector addresses."""
+        self.write_blocks([(sector << 9, buffers[0] if len(buffers) == 1 else b"".join(buffers))
+                           for sector, buffers, _ in items])
+
+    def write_blocks(self, items: Sequence[tuple[int, Buffer]]) -> int:
+        """Apply ``(byte offset, data)`` writes with one data write and one journal write.
 
         Payloads are appended back to back at the end of the file and their
         entries go into consecutive slots, in order, so a later item wins
@@ -459,34 +465,35 @@ class ChangeFile:
         since it was written), that payload is rewritten in place and a new
         entry (flag IN_PLACE) carries the new CRC.  Its entry is written
         before its data, so whatever the moment of a crash, the older entry
-        or the newer one checks out (docs/format.md).
+        or the newer one checks out (docs/format.md).  Offsets and lengths
+        are multiples of 512.  Returns the number of bytes written.
         """
         with self.lock:
             end = self.end
             placed = []  # (sector, count, loc, crc, in_place)
             iov: list[Buffer] = []
-            rewrites: list[tuple[Sequence[Buffer], int, int, int]] = []
+            rewrites: list[tuple[Buffer, int, int, int]] = []
             unsynced = self._unsynced
-            for sector, buffers, nbytes in items:
-                if len(buffers) == 1:
-                    crc = crc32c(buffers[0])
-                else:
-                    crc = 0
-                    for b in buffers:
-                        crc = crc32c(b, crc)
+            maps_to = self.map.maps_to
+            total = 0
+            for offset, data in items:
+                nbytes = len(data)
+                total += nbytes
+                crc = crc32c(data)
+                sector = offset >> 9
                 count = nbytes >> 9
                 hit = unsynced.get(sector)
-                if hit is not None and hit[1] == nbytes:
-                    runs = self.map.lookup(sector, count)
-                    loc = runs[0][2]
-                    if len(runs) == 1 and loc == hit[0]:
-                        placed.append((sector, count, loc, crc, True))
-                        rewrites.append((buffers, loc, sector, count))
-                        continue
-                loc = end if nbytes % DATA_ALIGN else _align(end, DATA_ALIGN)
-                if loc != end:
+                if hit is not None and hit[1] == nbytes and maps_to(sector, count, hit[0]):
+                    loc = hit[0]
+                    placed.append((sector, count, loc, crc, True))
+                    rewrites.append((data, loc, sector, count))
+                    continue
+                if not nbytes & _ALIGN_MASK and end & _ALIGN_MASK:
+                    loc = (end + _ALIGN_MASK) & ~_ALIGN_MASK
                     iov.append(_ZEROS[:loc - end])
-                iov.extend(buffers)
+                else:
+                    loc = end
+                iov.append(data)
                 placed.append((sector, count, loc, crc, False))
                 end = loc + nbytes
             if iov:
@@ -494,35 +501,52 @@ class ChangeFile:
                 self.io.pwritev(iov, self.end)
                 self.end = end
             # entries: consecutive slots of the current area, then the next area
+            pack = _ENTRY.pack
+            pack_crc = _U32.pack
+            seed = self._seed
+            durable = self.durable_seq
             i = 0
             while i < len(placed):
                 pos = self._slot_pos()
                 chunk = placed[i:i + AREA_SLOTS - 1 - self.slot]
                 seq = self.seq
-                raw = b"".join(
-                    self._entry(seq + k + 1, E_DATA, sector, count, loc, crc,
-                                F_IN_PLACE if in_place else 0)
-                    for k, (sector, count, loc, crc, in_place) in enumerate(chunk))
-                self.io.pwrite(raw, pos)
-                self.seq += len(chunk)
+                parts = []
+                for sector, count, loc, crc, in_place in chunk:
+                    seq += 1
+                    raw = pack(ENTRY_MAGIC, E_DATA, F_IN_PLACE if in_place else 0, 0, seq,
+                               sector, count, loc, durable, crc, 0)
+                    parts.append(raw)
+                    parts.append(pack_crc(crc32c(raw, seed)))
+                self.io.pwrite(b"".join(parts), pos)
+                self.seq = seq
                 self.slot += len(chunk)
                 self.entries += len(chunk)
                 i += len(chunk)
-            for k, (buffers, loc, _sector, _count) in enumerate(rewrites):
+            for k, (data, loc, _sector, _count) in enumerate(rewrites):
                 try:
-                    self.io.pwritev(buffers, loc)
+                    self.io.pwrite(data, loc)
                 except OSError:
                     self._revouch(rewrites[k:])
                     raise
             if not iov:
-                return  # all rewrites in place: the map already says where they are
+                return total  # all rewrites in place: the map already says where they are
+            # In-place rewrites before the first appended payload need no map
+            # update (the map already points at them); after one, they must
+            # win over it where they overlap, so they are set again, in order.
+            mset = self.map.set
+            appended = False
             for sector, count, loc, _crc, in_place in placed:
-                self.map.set(sector, count, loc)
-                unsynced[sector] = (loc, count * SECTOR)
-                if not in_place:
-                    self.data_bytes += count * SECTOR
+                if in_place:
+                    if appended:
+                        mset(sector, count, loc)
+                    continue
+                appended = True
+                mset(sector, count, loc)
+                unsynced[sector] = (loc, count << 9)
+                self.data_bytes += count << 9
+            return total
 
-    def _revouch(self, failed: Sequence[tuple[Sequence[Buffer], int, int, int]]) -> None:
+    def _revouch(self, failed: Sequence[tuple[Buffer, int, int, int]]) -> None:
         """After in-place rewrites whose data write failed: vouch for what is there.
 
         Their entries (already written) carry the CRC of data that did not

@@ -217,6 +217,11 @@ class V1ChangeFile:
     def write(self, sector: int, buffers: Sequence[Buffer], nbytes: int) -> None:
         self.write_batch([(sector, buffers, nbytes)])
 
+    def write_blocks(self, items: Sequence[tuple[int, Buffer]]) -> int:
+        """``(byte offset, data)`` writes (see ChangeFile.write_blocks); returns bytes."""
+        self.write_batch([(off >> 9, (data,), len(data)) for off, data in items])
+        return sum(map(len, (data for _, data in items)))
+
     def write_batch(self, items: Sequence[tuple[int, Sequence[Buffer], int]]) -> None:
         """Write blocks the original's way, parent entries last.
 

@@ -172,6 +172,14 @@ class ExpandableLayer(Layer):
         for _, _, n in items:
             self.written_bytes += n
 
+    def write_blocks(self, items: Sequence[tuple[int, Buffer]]) -> None:
+        self._check_writable()
+        try:
+            self.written_bytes += self.cf.write_blocks(items)
+        except OSError as exc:
+            raise IOFailure.from_oserror(exc, f"writing {self.path}") from exc
+        self.writes += len(items)
+
     def zero(self, offset: int, length: int, *, trim: bool, no_hole: bool, fast: bool,
              fua: bool) -> None:
         # Trimmed and zeroed sectors are recorded as zero: they must not fall

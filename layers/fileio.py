@@ -97,7 +97,7 @@ class FileIO:
     # -- writes ------------------------------------------------------------
 
     def pwritev(self, buffers: Sequence[Buffer], offset: int) -> None:
-        total = sum(len(b) for b in buffers)
+        total = sum(map(len, buffers))
         done = os.pwritev(self.fd, buffers, offset)
         if done == total:
             return

@@ -143,17 +143,58 @@ class ExtentMap:
             pos = cend
         return replaced
 
+    def maps_to(self, start: int, count: int, loc: int) -> bool:
+        """Do sectors ``[start, start + count)`` map to data at file offset ``loc``?"""
+        chunk = self._chunks.get(start >> CHUNK_SHIFT)
+        if chunk is None:
+            return False
+        i = bisect_right(chunk.starts, start) - 1
+        if i < 0 or chunk.ends[i] < start + count:
+            return False
+        xloc = chunk.locs[i]
+        return xloc != ZERO and xloc + (start - chunk.starts[i]) * SECTOR == loc
+
     def _set_in_chunk(self, cidx: int, s: int, e: int, loc: int) -> int:
         chunk = self._chunks.get(cidx)
         if chunk is None:
             chunk = self._chunks[cidx] = _Chunk()
         starts, ends, locs = chunk.starts, chunk.ends, chunk.locs
-        # first extent that ends after s
+        n = len(starts)
         i = bisect_right(starts, s) - 1
+        # fast paths (the common random-write cases): the range exactly
+        # replaces one extent, or falls in a gap, and joins no neighbour
+        if i >= 0 and starts[i] == s and ends[i] == e:
+            if not ((i > 0 and ends[i - 1] == s and _joins(starts[i - 1], s, locs[i - 1], loc))
+                    or (i + 1 < n and starts[i + 1] == e and _joins(s, e, loc, locs[i + 1]))):
+                old = locs[i]
+                locs[i] = loc
+                if old == ZERO:
+                    self.zero_sectors -= e - s
+                    replaced = 0
+                else:
+                    self.data_sectors -= e - s
+                    replaced = e - s
+                if loc == ZERO:
+                    self.zero_sectors += e - s
+                else:
+                    self.data_sectors += e - s
+                return replaced
+        elif (i < 0 or ends[i] <= s) and (i + 1 >= n or starts[i + 1] >= e):
+            if not ((i >= 0 and ends[i] == s and _joins(starts[i], s, locs[i], loc))
+                    or (i + 1 < n and starts[i + 1] == e and _joins(s, e, loc, locs[i + 1]))):
+                starts.insert(i + 1, s)
+                ends.insert(i + 1, e)
+                locs.insert(i + 1, loc)
+                self.extent_count += 1
+                if loc == ZERO:
+                    self.zero_sectors += e - s
+                else:
+                    self.data_sectors += e - s
+                return 0
+        # first extent that ends after s
         if i < 0 or ends[i] <= s:
             i += 1
         j = i
-        n = len(starts)
         new_s: list[int] = []
         new_e: list[int] = []
         new_l: list[int] = []

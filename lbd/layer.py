@@ -139,6 +139,13 @@ class Layer(ABC):
         for offset, buffers, nbytes in items:
             self.write(offset, buffers, nbytes, False)
 
+    def write_blocks(self, items: Sequence[tuple[int, Buffer]]) -> None:
+        """Sector-aligned writes ``(offset, data)``, in order (the frontends' hot path).
+
+        The device has checked them (aligned, in range, top writable).
+        """
+        self.write_batch([(offset, (data,), len(data)) for offset, data in items])
+
     def zero(self, offset: int, length: int, *, trim: bool, no_hole: bool, fast: bool,
              fua: bool) -> None:
         raise IOFailure(errno.EPERM, f"{self.kind} layer is read-only")

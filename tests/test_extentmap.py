@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -116,3 +118,58 @@ def test_memory_is_proportional_to_what_was_written() -> None:
     assert len(m._chunks) == 2
     assert m.lookup(tib_sectors - 16, 16) == [(tib_sectors - 16, 8, None),
                                                (tib_sectors - 8, 8, 4096)]
+
+
+# Block-sized operations on a grid, as a file system or fio issues them: they
+# hit the exact-replacement and fill-a-gap fast paths of ExtentMap.set, and
+# "contig" writes land right after the previous payload so they join neighbours.
+grid_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["data", "data", "contig", "zero", "discard"]),
+        st.integers(0, 40),  # block index (8 sectors each): chunks 0 and 1
+        st.integers(1, 3),  # blocks
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(grid_ops)
+def test_block_grid_writes_match_model(operations: list[tuple[str, int, int]]) -> None:
+    block = 8
+    base = CHUNK_SECTORS - 20 * block  # blocks 20.. are in the second chunk
+    model: dict[int, int] = {}
+    m = ExtentMap()
+    next_loc = 1 << 20
+    for kind, b, n in operations:
+        start, count = base + b * block, n * block
+        if kind == "contig":  # a payload right after the previous one
+            next_loc -= 4096
+        if kind in ("data", "contig"):
+            m.set(start, count, next_loc)
+            for i in range(count):
+                model[start + i] = next_loc + i * SECTOR
+            # maps_to answers within one chunk (extents never cross one)
+            one_chunk = start // CHUNK_SECTORS == (start + count - 1) // CHUNK_SECTORS
+            assert m.maps_to(start, count, next_loc) == one_chunk
+            next_loc += count * SECTOR + 4096
+        elif kind == "zero":
+            m.set(start, count, ZERO)
+            model.update(dict.fromkeys(range(start, start + count), ZERO))
+            assert not m.maps_to(start, count, ZERO)
+        else:
+            m.discard(start, count)
+            for i in range(count):
+                model.pop(start + i, None)
+    span = 45 * block
+    assert per_sector(m, base, span) == model
+    assert m.data_sectors == sum(1 for v in model.values() if v != ZERO)
+    assert m.zero_sectors == sum(1 for v in model.values() if v == ZERO)
+    listed = list(m)
+    assert m.extent_count == len(listed)
+    for (s1, n1, _l1), (s2, _n2, _l2) in itertools.pairwise(listed):
+        assert s1 + n1 <= s2
+    for s, n, loc in listed:
+        if loc != ZERO:
+            assert m.maps_to(s, n, loc)
+            assert not m.maps_to(s, n, loc + SECTOR)
