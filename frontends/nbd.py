@@ -530,6 +530,7 @@ class Connection:
         small_read = SENDFILE_MIN - 1
         device = self.device
         size = device.size
+        read_cached = device.read_cached
         read_header = P.read_chunk_header
         simple_ok = P.SIMPLE_REPLY.pack
         SIMPLE_MAGIC = P.SIMPLE_REPLY_MAGIC
@@ -595,7 +596,7 @@ class Connection:
                     if self._wbatch:
                         self._commit_writes()
                     try:
-                        data = device.read(offset, length, nowait=True)
+                        data = read_cached(offset, length)
                     except WouldBlock:
                         self._spawn(self._read_async, handle, offset, length)
                         continue

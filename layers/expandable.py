@@ -131,6 +131,22 @@ class ExpandableLayer(Layer):
         self.reads += 1
         return absent
 
+    def read_fast(self, offset: int, length: int) -> bytearray | bool | None:
+        cf = self.cf
+        with cf.lock:
+            loc = cf.map.single(offset >> 9, length >> 9)
+        if loc is None:
+            return False
+        if loc < 0:
+            return bytearray(length) if loc == ZERO else None
+        try:
+            data = self.cf.io.read_nowait(length, loc)
+        except OSError as exc:
+            raise IOFailure.from_oserror(exc, f"reading {self.path}") from exc
+        self.reads += 1
+        self.read_bytes += length
+        return data
+
     def locate(self, offset: int, length: int) -> tuple[int, int] | bool | None:
         runs = self.cf.lookup(offset // SECTOR, length // SECTOR)
         if len(runs) != 1:

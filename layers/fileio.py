@@ -94,6 +94,21 @@ class FileIO:
                 return
             got += n
 
+    def read_nowait(self, length: int, offset: int) -> bytearray:
+        """``length`` bytes at ``offset`` from the page cache, else :class:`WouldBlock`."""
+        buf = bytearray(length)
+        if self.nowait:
+            try:
+                if os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT) == length:
+                    return buf
+            except BlockingIOError:
+                raise WouldBlock() from None
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+        self.readinto(memoryview(buf), offset, nowait=True)  # the general case
+        return buf
+
     # -- writes ------------------------------------------------------------
 
     def pwritev(self, buffers: Sequence[Buffer], offset: int) -> None:

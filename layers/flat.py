@@ -100,6 +100,15 @@ class FlatLayer(Layer):
         self.read_bytes += len(view)
         return []
 
+    def read_fast(self, offset: int, length: int) -> bytearray | bool | None:
+        try:
+            data = self.io.read_nowait(length, offset)
+        except OSError as exc:
+            raise IOFailure.from_oserror(exc, f"reading {self.path}") from exc
+        self.reads += 1
+        self.read_bytes += length
+        return data
+
     def locate(self, offset: int, length: int) -> tuple[int, int] | bool | None:
         self.reads += 1
         self.read_bytes += length

@@ -17,5 +17,8 @@ class NullLayer(Layer):
     def read_present(self, offset: int, view: memoryview, nowait: bool) -> list[tuple[int, int]]:
         return []  # the view is already zeros
 
+    def read_fast(self, offset: int, length: int) -> bytearray | bool | None:
+        return bytearray(length)
+
     def extents(self, offset: int, length: int) -> list[tuple[int, int, State]]:
         return [(offset, length, State.ZERO)]

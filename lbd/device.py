@@ -102,6 +102,24 @@ class Device:
             return buf
         return memoryview(buf)[offset - a0:offset - a0 + length]
 
+    def read_cached(self, offset: int, length: int) -> bytearray | memoryview:
+        """``read(offset, length, nowait=True)`` for a range the caller has checked.
+
+        The frontends' hot path for small reads: when one layer holds the
+        whole range as one piece, it is read straight into the buffer that
+        is returned, with no per-layer bookkeeping.  Raises
+        :class:`WouldBlock` for data outside the page cache.
+        """
+        if not (offset | length) & _MASK:
+            for layer in self._stack:
+                data = layer.read_fast(offset, length)
+                if data is False:
+                    continue
+                if data is not None:
+                    return data
+                break
+        return self.read(offset, length, nowait=True)
+
     def _read_aligned(self, offset: int, view: memoryview, nowait: bool) -> None:
         pending = [(offset, len(view))]
         for layer in self._stack:

@@ -17,6 +17,7 @@ from bisect import bisect_right
 from collections.abc import Iterator
 
 ZERO = -1
+MIXED = -2  # ExtentMap.single: the range is not one thing
 CHUNK_SHIFT = 11
 CHUNK_SECTORS = 1 << CHUNK_SHIFT  # 1 MiB of 512-byte sectors
 SECTOR = 512
@@ -142,6 +143,27 @@ class ExtentMap:
             replaced += self._set_in_chunk(cidx, pos, cend, piece_loc)
             pos = cend
         return replaced
+
+    def single(self, start: int, count: int) -> int | None:
+        """What ``[start, start + count)`` is, when it is one thing (reads' hot path).
+
+        ``None`` if all absent, :data:`ZERO` if all zero, the file offset if
+        all one piece of data, :data:`MIXED` otherwise (use :meth:`lookup`).
+        """
+        end = start + count
+        if (end - 1) >> CHUNK_SHIFT != start >> CHUNK_SHIFT:
+            return MIXED
+        chunk = self._chunks.get(start >> CHUNK_SHIFT)
+        if chunk is None:
+            return None
+        starts = chunk.starts
+        i = bisect_right(starts, start) - 1
+        if i >= 0 and chunk.ends[i] >= end:
+            loc = chunk.locs[i]
+            return loc if loc == ZERO else loc + (start - starts[i]) * SECTOR
+        if (i < 0 or chunk.ends[i] <= start) and (i + 1 >= len(starts) or starts[i + 1] >= end):
+            return None
+        return MIXED
 
     def maps_to(self, start: int, count: int, loc: int) -> bool:
         """Do sectors ``[start, start + count)`` map to data at file offset ``loc``?"""

@@ -113,6 +113,16 @@ class Layer(ABC):
         """
         return await trio.to_thread.run_sync(self.read_present, offset, view, False)
 
+    def read_fast(self, offset: int, length: int) -> bytearray | bool | None:
+        """A small aligned read served at once from memory or the page cache.
+
+        The data if this layer holds all of the range as one piece it can
+        read without waiting; ``False`` if it holds none of it (ask the layer
+        below); ``None`` for anything else (the caller reads the ordinary
+        way).  May raise :class:`WouldBlock`.
+        """
+        return None
+
     def locate(self, offset: int, length: int) -> tuple[int, int] | bool | None:
         """Where the range lives, if it is one contiguous piece of one file.
 

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lbd.extentmap import CHUNK_SECTORS, SECTOR, ZERO, ExtentMap
+from lbd.extentmap import CHUNK_SECTORS, MIXED, SECTOR, ZERO, ExtentMap
 
 SPAN = 3 * CHUNK_SECTORS + 77  # crosses chunk boundaries
 
@@ -100,6 +100,11 @@ def test_lookup_of_subrange(operations: list[tuple[str, int, int]], start: int,
     m, _ = apply(operations)
     want = {k: v for k, v in model.items() if start <= k < start + count}
     assert per_sector(m, start, count) == want
+    # single() agrees with lookup() wherever it gives an answer (MIXED means
+    # "ask lookup()": always right, if slower)
+    got = m.single(start, count)
+    if got != MIXED:
+        assert m.lookup(start, count) == [(start, count, got)]
 
 
 def test_sequential_writes_coalesce() -> None:
@@ -173,3 +178,16 @@ def test_block_grid_writes_match_model(operations: list[tuple[str, int, int]]) -
         if loc != ZERO:
             assert m.maps_to(s, n, loc)
             assert not m.maps_to(s, n, loc + SECTOR)
+
+
+def test_single_answers() -> None:
+    m = ExtentMap()
+    m.set(16, 8, 8192)
+    m.set(32, 8, ZERO)
+    assert m.single(0, 8) is None
+    assert m.single(16, 8) == 8192
+    assert m.single(18, 4) == 8192 + 2 * SECTOR
+    assert m.single(32, 8) == ZERO
+    assert m.single(12, 8) == MIXED  # half absent, half data
+    assert m.single(20, 16) == MIXED  # data, absent, zero
+    assert m.single(CHUNK_SECTORS - 4, 8) == MIXED  # crosses a chunk: use lookup()
