@@ -531,6 +531,8 @@ class Connection:
         device = self.device
         size = device.size
         read_cached = device.read_cached
+        wbatch_add = self._wbatch.append
+        whandles_add = self._whandles.append
         read_header = P.read_chunk_header
         simple_ok = P.SIMPLE_REPLY.pack
         SIMPLE_MAGIC = P.SIMPLE_REPLY_MAGIC
@@ -581,8 +583,8 @@ class Connection:
                             and offset + length <= size and batchable):
                         # the hot path: a plain aligned write, committed with the
                         # others of this receive (_commit_writes)
-                        self._wbatch.append((offset, mv[start + req_size:start + total]))
-                        self._whandles.append(handle)
+                        wbatch_add((offset, mv[start + req_size:start + total]))
+                        whandles_add(handle)
                     else:
                         self._write(flags, handle, offset, length,
                                     mv[start + req_size:start + total])
@@ -827,18 +829,21 @@ class Connection:
         batch = self._wbatch
         if not batch:
             return
+        # the lists are emptied in place: _serve holds their append methods
         handles, fua = self._whandles, self._wfua
-        self._wbatch, self._whandles = [], []
-        if fua:
-            self._wfua = []
         try:
             # checked: every write here is aligned, non-empty and in range
             # (_serve and _write check), and the export is writable
             self.device.write_batch(batch, checked=True)
         except Exception:
-            for i, (offset, payload) in enumerate(batch):  # one by one, for exact errors
-                self._write_one(handles[i], offset, payload, i in fua)
+            items = list(zip(handles, batch, [i in fua for i in range(len(batch))]))
+            batch.clear()
+            handles.clear()
+            fua.clear()
+            for handle, (offset, payload), durable in items:  # one by one, for exact errors
+                self._write_one(handle, offset, payload, durable)
             return
+        batch.clear()
         pack = P.SIMPLE_REPLY.pack
         magic = P.SIMPLE_REPLY_MAGIC
         out = self._out
@@ -849,10 +854,12 @@ class Connection:
                     out.append(pack(magic, 0, handle))
             self._out_bytes += P.SIMPLE_REPLY.size * (len(handles) - len(fua))
             self._spawn(self._flush_async, P.CMD_WRITE, [handles[i] for i in fua])
-            return
-        for handle in handles:
-            out.append(pack(magic, 0, handle))
-        self._out_bytes += P.SIMPLE_REPLY.size * len(handles)
+            fua.clear()
+        else:
+            for handle in handles:
+                out.append(pack(magic, 0, handle))
+            self._out_bytes += P.SIMPLE_REPLY.size * len(handles)
+        handles.clear()
 
     async def _dispatch_async(self, cmd: int, flags: int, handle: int, offset: int,
                               length: int, payload: bytes | None) -> None:

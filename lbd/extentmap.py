@@ -133,9 +133,12 @@ class ExtentMap:
 
         Returns the number of data sectors this replaced (now dead space).
         """
+        end = start + count
+        cidx = start >> CHUNK_SHIFT
+        if (end - 1) >> CHUNK_SHIFT == cidx:
+            return self._set_in_chunk(cidx, start, end, loc)
         replaced = 0
         pos = start
-        end = start + count
         while pos < end:
             cidx = pos >> CHUNK_SHIFT
             cend = min(end, (cidx + 1) << CHUNK_SHIFT)
