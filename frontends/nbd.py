@@ -527,6 +527,8 @@ class Connection:
         req_size = req.size
         magic_ok = P.REQUEST_MAGIC
         read_cmd = P.CMD_READ
+        write_cmd = P.CMD_WRITE
+        max_request = MAX_REQUEST
         small_read = SENDFILE_MIN - 1
         device = self.device
         size = device.size
@@ -539,101 +541,107 @@ class Connection:
         # plain writes may skip _write's checks (the export and stack are
         # writable and local); re-read per receive since a layer may be pushed
         batchable = False
-        while not self._dead:
-            batchable = not self.readonly and device.local and device.writable
-            if self._stopping:
-                start, end = await self._refuse(buf, mv, start, end)
-                if start < 0:
-                    return
-                continue
-            # parse and serve every complete request in the buffer
-            while end - start >= req_size:
-                magic, flags, cmd, handle, offset, length = req.unpack_from(buf, start)
-                if magic != magic_ok:
-                    self._commit_writes()
-                    log.warning("conn %d: bad request magic %#x; closing", self.cid, magic)
-                    return
-                if cmd == P.CMD_WRITE:
-                    if length > MAX_REQUEST:
-                        self._commit_writes()  # _discard may reuse the buffer
-                        start += req_size
-                        start, end = await self._discard(buf, mv, start, end, length)
-                        if start < 0:
-                            return
-                        self._error(cmd, handle, P.EOVERFLOW,
-                                    f"write of {length} bytes exceeds the maximum {MAX_REQUEST}")
-                        continue
-                    total = req_size + length
-                    if end - start < total:
-                        self._commit_writes()  # their payloads may be moved below
-                        if total > len(buf) - start:
-                            # make room: move the partial request to the front of
-                            # the buffer, or of a bigger one for a large write
-                            if total > len(buf):
-                                bigger = bytearray(total)
-                                bigger[:end - start] = buf[start:end]
-                                buf, mv = bigger, memoryview(bigger)
-                            else:
-                                buf[:end - start] = buf[start:end]
-                            end -= start
-                            start = 0
-                        break
-                    self.requests += 1
-                    if (not flags and not (offset | length) & 511 and 0 < length
-                            and offset + length <= size and batchable):
-                        # the hot path: a plain aligned write, committed with the
-                        # others of this receive (_commit_writes)
-                        wbatch_add((offset, mv[start + req_size:start + total]))
-                        whandles_add(handle)
-                    else:
-                        self._write(flags, handle, offset, length,
-                                    mv[start + req_size:start + total])
-                    start += total
+        n_requests = 0  # added to self.requests per receive (and at the end)
+        try:
+            while not self._dead:
+                batchable = not self.readonly and device.local and device.writable
+                if self._stopping:
+                    start, end = await self._refuse(buf, mv, start, end)
+                    if start < 0:
+                        return
                     continue
-                start += req_size
-                self.requests += 1
-                if (cmd == read_cmd and not flags and length <= small_read
-                        and 0 < length and offset + length <= size):
-                    # the hot path: a small plain read, served from the page cache
-                    if self._wbatch:
+                # parse and serve every complete request in the buffer
+                while end - start >= req_size:
+                    magic, flags, cmd, handle, offset, length = req.unpack_from(buf, start)
+                    if magic != magic_ok:
                         self._commit_writes()
-                    try:
-                        data = read_cached(offset, length)
-                    except WouldBlock:
-                        self._spawn(self._read_async, handle, offset, length)
+                        log.warning("conn %d: bad request magic %#x; closing", self.cid, magic)
+                        return
+                    if cmd == write_cmd:
+                        if length > max_request:
+                            self._commit_writes()  # _discard may reuse the buffer
+                            start += req_size
+                            start, end = await self._discard(buf, mv, start, end, length)
+                            if start < 0:
+                                return
+                            self._error(cmd, handle, P.EOVERFLOW, f"write of {length} bytes "
+                                        f"exceeds the maximum {MAX_REQUEST}")
+                            continue
+                        total = req_size + length
+                        if end - start < total:
+                            self._commit_writes()  # their payloads may be moved below
+                            if total > len(buf) - start:
+                                # make room: move the partial request to the front of
+                                # the buffer, or of a bigger one for a large write
+                                if total > len(buf):
+                                    bigger = bytearray(total)
+                                    bigger[:end - start] = buf[start:end]
+                                    buf, mv = bigger, memoryview(bigger)
+                                else:
+                                    buf[:end - start] = buf[start:end]
+                                end -= start
+                                start = 0
+                            break
+                        n_requests += 1
+                        if (not flags and not (offset | length) & 511 and 0 < length
+                                and offset + length <= size and batchable):
+                            # the hot path: a plain aligned write, committed with the
+                            # others of this receive (_commit_writes)
+                            wbatch_add((offset, mv[start + req_size:start + total]))
+                            whandles_add(handle)
+                        else:
+                            self._write(flags, handle, offset, length,
+                                        mv[start + req_size:start + total])
+                        start += total
                         continue
-                    except Exception as exc:
-                        self._fail(cmd, handle, exc)
+                    start += req_size
+                    n_requests += 1
+                    if (cmd == read_cmd and not flags and length <= small_read
+                            and 0 < length and offset + length <= size):
+                        # the hot path: a small plain read, served from the page cache
+                        if self._wbatch:
+                            self._commit_writes()
+                        try:
+                            data = read_cached(offset, length)
+                        except WouldBlock:
+                            self._spawn(self._read_async, handle, offset, length)
+                            continue
+                        except Exception as exc:
+                            self._fail(cmd, handle, exc)
+                            continue
+                        head = (read_header(handle, offset, length) if self.structured
+                                else simple_ok(SIMPLE_MAGIC, 0, handle))
+                        self._out += (head, data)
+                        self._out_bytes += len(head) + length
                         continue
-                    head = (read_header(handle, offset, length) if self.structured
-                            else simple_ok(SIMPLE_MAGIC, 0, handle))
-                    self._out += (head, data)
-                    self._out_bytes += len(head) + length
-                    continue
+                    self._commit_writes()
+                    if cmd == P.CMD_DISC:
+                        log.debug("conn %d: disconnect requested", self.cid)
+                        return
+                    self._dispatch(cmd, flags, handle, offset, length)
                 self._commit_writes()
-                if cmd == P.CMD_DISC:
-                    log.debug("conn %d: disconnect requested", self.cid)
+                self.requests += n_requests
+                n_requests = 0
+                if self._out:
+                    await self._flush()
+                    if self._out_bytes >= OUTPUT_HIGH_WATER:
+                        self._drained = trio.Event()
+                        await self._drained.wait()
+                if start == end:
+                    start = end = 0
+                    if len(buf) > RECV_BUFFER:
+                        buf = bytearray(RECV_BUFFER)
+                        mv = memoryview(buf)
+                elif len(buf) - end < req_size or start > len(buf) // 2:
+                    buf[:end - start] = buf[start:end]
+                    end -= start
+                    start = 0
+                n = await self._recv_into(mv[end:])
+                if n == 0:
                     return
-                self._dispatch(cmd, flags, handle, offset, length)
-            self._commit_writes()
-            if self._out:
-                await self._flush()
-                if self._out_bytes >= OUTPUT_HIGH_WATER:
-                    self._drained = trio.Event()
-                    await self._drained.wait()
-            if start == end:
-                start = end = 0
-                if len(buf) > RECV_BUFFER:
-                    buf = bytearray(RECV_BUFFER)
-                    mv = memoryview(buf)
-            elif len(buf) - end < req_size or start > len(buf) // 2:
-                buf[:end - start] = buf[start:end]
-                end -= start
-                start = 0
-            n = await self._recv_into(mv[end:])
-            if n == 0:
-                return
-            end += n
+                end += n
+        finally:
+            self.requests += n_requests
 
     async def _refuse(self, buf: bytearray, mv: memoryview, start: int,
                       end: int) -> tuple[int, int]:
