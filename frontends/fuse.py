@@ -370,7 +370,7 @@ class DeviceFS(_Base):  # type: ignore[misc]
         if off + size > end:
             size = end - off  # a short read at the end, as for a file
         try:
-            return device.read(off, size, nowait=True)
+            return device.read_cached(off, size)  # the range was checked above
         except WouldBlock:
             pass
         except Exception as exc:
