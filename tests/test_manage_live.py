@@ -179,12 +179,18 @@ def test_live_add_layer_during_fio_four_connections(lbd_server, tmp_path: Path) 
 
 
 def test_live_add_layer_storm_two_fio_processes(lbd_server, tmp_path: Path) -> None:
-    """Two fio processes at full speed (4k and 64k blocks), a layer pushed every 50 ms."""
+    """Two fio processes (4k and 64k blocks), a layer pushed every 50 ms.
+
+    The 64k writes run at full speed; the 4k writes are paced (~3 s) so that
+    the writes certainly span several layers: unpaced, both finish in about
+    half a second here, and a slow add on a loaded machine once left all of
+    them in one layer.
+    """
     base = random_file(tmp_path / "base.img", SIZE, seed=22)
     l0 = tmp_path / "s00.lbd"
     srv = lbd_server(["-s", str(SIZE), "-f", str(base), "-E", str(l0)], manage=True)
     small = ["--name=small", "--bs=4k", "--iodepth=32", "--numjobs=2", "--size=16M",
-             "--offset_increment=16M", "--offset=0"]
+             "--offset_increment=16M", "--offset=0", "--rate_iops=1200"]
     large = ["--name=large", "--bs=64k", "--iodepth=16", "--numjobs=2", "--size=16M",
              "--offset_increment=16M", "--offset=32M"]
     procs = [start_fio(srv.uri, tmp_path, *small), start_fio(srv.uri, tmp_path, *large)]
