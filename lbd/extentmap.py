@@ -9,6 +9,17 @@ The map is split into chunks of :data:`CHUNK_SECTORS` sectors held in a dict,
 each chunk a short sorted list of extents, so lookups and updates cost a dict
 probe plus a bisect over a small list, and memory is proportional to what was
 written, never to the device size.  Extents never cross a chunk boundary.
+
+Whole 4 KiB blocks (8 sectors starting at a multiple of 8: what file systems
+and most clients write) are kept apart in a plain dict, block -> location,
+when no chunk extent overlaps them: setting, reading or checking one costs a
+dict operation instead of a bisect and three list inserts.  The two never
+overlap: a set that is not a whole block first moves ("demotes") the blocks
+it touches into their chunks, as does a lookup of a range larger than a
+block (there, contiguous blocks merge into one extent).  The counters and
+iteration cover both without moving anything.  The dict holds at most
+:data:`BLOCKS_MAX` blocks (2 GiB of 4 KiB writes, ~50 MiB of memory); past
+that, new blocks go to the chunks, which merge contiguous writes.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ MIXED = -2  # ExtentMap.single: the range is not one thing
 CHUNK_SHIFT = 11
 CHUNK_SECTORS = 1 << CHUNK_SHIFT  # 1 MiB of 512-byte sectors
 SECTOR = 512
+BLOCKS_MAX = 1 << 19  # whole blocks kept in the dict at most
 
 
 class _Chunk:
@@ -37,9 +49,33 @@ class ExtentMap:
 
     def __init__(self) -> None:
         self._chunks: dict[int, _Chunk] = {}
-        self.data_sectors = 0  # sectors in the data state
+        self._blocks: dict[int, int] = {}  # whole 4 KiB blocks no chunk extent overlaps
+        self.data_sectors = 0  # sectors in the data state (chunks and blocks)
         self.zero_sectors = 0  # sectors in the zero state
-        self.extent_count = 0
+        self._extent_count = 0  # extents in the chunks
+
+    @property
+    def extent_count(self) -> int:
+        """Extents in the map (a whole block kept apart counts as one)."""
+        return self._extent_count + len(self._blocks)
+
+    def _demote(self, start: int, count: int) -> None:
+        """Move the blocks overlapping ``[start, start + count)`` into their chunks."""
+        blocks = self._blocks
+        b0 = start >> 3
+        b1 = (start + count + 7) >> 3
+        if b1 - b0 <= len(blocks):
+            found = [b for b in range(b0, b1) if b in blocks]
+        else:
+            found = sorted(b for b in blocks if b0 <= b < b1)
+        for b in found:
+            loc = blocks.pop(b)
+            if loc == ZERO:
+                self.zero_sectors -= 8
+            else:
+                self.data_sectors -= 8
+            s = b << 3
+            self._set_in_chunk(s >> CHUNK_SHIFT, s, s + 8, loc)
 
     # -- queries ---------------------------------------------------------
 
@@ -49,6 +85,12 @@ class ExtentMap:
         ``loc`` is a file byte offset, :data:`ZERO`, or ``None`` for absent.
         Adjacent runs are merged when their locations are contiguous.
         """
+        if self._blocks:
+            b = start >> 3
+            if b == (start + count - 1) >> 3 and b in self._blocks:
+                loc = self._blocks[b]
+                return [(start, count, loc if loc == ZERO else loc + (start - (b << 3)) * SECTOR)]
+            self._demote(start, count)
         end = start + count
         chunks = self._chunks
         cidx = start >> CHUNK_SHIFT
@@ -100,9 +142,27 @@ class ExtentMap:
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         """All extents in sector order, as ``(start, count, loc)``."""
-        for cidx in sorted(self._chunks):
-            c = self._chunks[cidx]
-            yield from zip(c.starts, (e - s for s, e in zip(c.starts, c.ends)), c.locs)
+        chunks = self._chunks
+        by_chunk: dict[int, list[int]] = {}
+        for b in sorted(self._blocks):
+            by_chunk.setdefault((b << 3) >> CHUNK_SHIFT, []).append(b)
+        blocks = self._blocks
+        for cidx in sorted(chunks.keys() | by_chunk.keys()):
+            c = chunks.get(cidx)
+            ext = [] if c is None else zip(c.starts, c.ends, c.locs)
+            bl = by_chunk.get(cidx, ())
+            if not bl:
+                for s, e, loc in ext:
+                    yield s, e - s, loc
+                continue
+            k = 0
+            for s, e, loc in ext:
+                while k < len(bl) and bl[k] << 3 < s:
+                    yield bl[k] << 3, 8, blocks[bl[k]]
+                    k += 1
+                yield s, e - s, loc
+            for b in bl[k:]:
+                yield b << 3, 8, blocks[b]
 
     def runs(self) -> Iterator[tuple[int, int, int]]:
         """Like iteration, with contiguous neighbours merged.
@@ -128,24 +188,45 @@ class ExtentMap:
 
     # -- updates ---------------------------------------------------------
 
-    def set(self, start: int, count: int, loc: int) -> int:
-        """Map ``[start, start + count)`` to ``loc`` (``ZERO`` or a byte offset).
-
-        Returns the number of data sectors this replaced (now dead space).
-        """
+    def set(self, start: int, count: int, loc: int) -> None:
+        """Map ``[start, start + count)`` to ``loc`` (``ZERO`` or a byte offset)."""
+        blocks = self._blocks
+        if count == 8 and not start & 7:
+            b = start >> 3
+            old = blocks.get(b)
+            if old is None:
+                chunk = self._chunks.get(start >> CHUNK_SHIFT)
+                if len(blocks) < BLOCKS_MAX and (chunk is None or _clear(chunk, start, start + 8)):
+                    blocks[b] = loc
+                    if loc == ZERO:
+                        self.zero_sectors += 8
+                    else:
+                        self.data_sectors += 8
+                    return
+            else:
+                blocks[b] = loc
+                if old == ZERO:
+                    if loc != ZERO:
+                        self.zero_sectors -= 8
+                        self.data_sectors += 8
+                elif loc == ZERO:
+                    self.data_sectors -= 8
+                    self.zero_sectors += 8
+                return
+        elif blocks:
+            self._demote(start, count)
         end = start + count
         cidx = start >> CHUNK_SHIFT
         if (end - 1) >> CHUNK_SHIFT == cidx:
-            return self._set_in_chunk(cidx, start, end, loc)
-        replaced = 0
+            self._set_in_chunk(cidx, start, end, loc)
+            return
         pos = start
         while pos < end:
             cidx = pos >> CHUNK_SHIFT
             cend = min(end, (cidx + 1) << CHUNK_SHIFT)
             piece_loc = loc if loc == ZERO else loc + (pos - start) * SECTOR
-            replaced += self._set_in_chunk(cidx, pos, cend, piece_loc)
+            self._set_in_chunk(cidx, pos, cend, piece_loc)
             pos = cend
-        return replaced
 
     def single(self, start: int, count: int) -> int | None:
         """What ``[start, start + count)`` is, when it is one thing (reads' hot path).
@@ -154,6 +235,14 @@ class ExtentMap:
         all one piece of data, :data:`MIXED` otherwise (use :meth:`lookup`).
         """
         end = start + count
+        if self._blocks:
+            b = start >> 3
+            if b == (end - 1) >> 3:
+                loc = self._blocks.get(b)
+                if loc is not None:
+                    return loc if loc == ZERO else loc + (start - (b << 3)) * SECTOR
+            else:
+                self._demote(start, count)
         if (end - 1) >> CHUNK_SHIFT != start >> CHUNK_SHIFT:
             return MIXED
         chunk = self._chunks.get(start >> CHUNK_SHIFT)
@@ -170,6 +259,14 @@ class ExtentMap:
 
     def maps_to(self, start: int, count: int, loc: int) -> bool:
         """Do sectors ``[start, start + count)`` map to data at file offset ``loc``?"""
+        if self._blocks:
+            b = start >> 3
+            if b == (start + count - 1) >> 3:
+                xloc = self._blocks.get(b)
+                if xloc is not None:
+                    return xloc != ZERO and xloc + (start - (b << 3)) * SECTOR == loc
+            else:
+                self._demote(start, count)
         chunk = self._chunks.get(start >> CHUNK_SHIFT)
         if chunk is None:
             return False
@@ -210,7 +307,7 @@ class ExtentMap:
                 starts.insert(i + 1, s)
                 ends.insert(i + 1, e)
                 locs.insert(i + 1, loc)
-                self.extent_count += 1
+                self._extent_count += 1
                 if loc == ZERO:
                     self.zero_sectors += e - s
                 else:
@@ -255,7 +352,7 @@ class ExtentMap:
         if j < n and new_e[-1] == starts[j] and _joins(new_s[-1], new_e[-1], new_l[-1], locs[j]):
             new_e[-1] = ends[j]
             j += 1
-        self.extent_count += len(new_s) - (j - i)
+        self._extent_count += len(new_s) - (j - i)
         starts[i:j] = new_s
         ends[i:j] = new_e
         locs[i:j] = new_l
@@ -267,7 +364,14 @@ class ExtentMap:
 
     def discard(self, start: int, count: int) -> None:
         """Make ``[start, start + count)`` absent again (used by tools)."""
-        self.set(start, count, ZERO)
+        if self._blocks:
+            self._demote(start, count)
+        pos, end = start, start + count
+        while pos < end:  # first zero (one extent per chunk), then drop those extents
+            cidx = pos >> CHUNK_SHIFT
+            cend = min(end, (cidx + 1) << CHUNK_SHIFT)
+            self._set_in_chunk(cidx, pos, cend, ZERO)
+            pos = cend
         pos, end = start, start + count
         while pos < end:
             cidx = pos >> CHUNK_SHIFT
@@ -279,11 +383,18 @@ class ExtentMap:
             chunk.starts[i:i + 1] = [a for a, _ in pieces]
             chunk.ends[i:i + 1] = [b for _, b in pieces]
             chunk.locs[i:i + 1] = [ZERO] * len(pieces)
-            self.extent_count += len(pieces) - 1
+            self._extent_count += len(pieces) - 1
             self.zero_sectors -= cend - pos
             if not chunk.starts:
                 del self._chunks[cidx]
             pos = cend
+
+
+def _clear(chunk: _Chunk, s: int, e: int) -> bool:
+    """Does no extent of ``chunk`` overlap ``[s, e)``?"""
+    starts = chunk.starts
+    i = bisect_right(starts, s) - 1
+    return (i < 0 or chunk.ends[i] <= s) and (i + 1 >= len(starts) or starts[i + 1] >= e)
 
 
 def _joins(s: int, e: int, loc: int, next_loc: int) -> bool:

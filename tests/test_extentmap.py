@@ -7,6 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lbd import extentmap
 from lbd.extentmap import CHUNK_SECTORS, MIXED, SECTOR, ZERO, ExtentMap
 
 SPAN = 3 * CHUNK_SECTORS + 77  # crosses chunk boundaries
@@ -21,15 +22,11 @@ ops = st.lists(
 )
 
 
-def expected_after(operations: list[tuple[str, int, int]]) -> tuple[dict[int, int], int]:
+def expected_after(operations: list[tuple[str, int, int]]) -> dict[int, int]:
     model: dict[int, int] = {}
     next_loc = 1 << 20
-    replaced = 0
     for kind, start, count in operations:
         count = min(count, SPAN - start)
-        for i in range(count):
-            if model.get(start + i, ZERO) != ZERO and kind != "discard":
-                replaced += 1
         if kind == "data":
             for i in range(count):
                 model[start + i] = next_loc + i * SECTOR
@@ -40,23 +37,22 @@ def expected_after(operations: list[tuple[str, int, int]]) -> tuple[dict[int, in
         else:
             for i in range(count):
                 model.pop(start + i, None)
-    return model, replaced
+    return model
 
 
-def apply(operations: list[tuple[str, int, int]]) -> tuple[ExtentMap, int]:
+def apply(operations: list[tuple[str, int, int]]) -> ExtentMap:
     m = ExtentMap()
     next_loc = 1 << 20
-    replaced = 0
     for kind, start, count in operations:
         count = min(count, SPAN - start)
         if kind == "data":
-            replaced += m.set(start, count, next_loc)
+            m.set(start, count, next_loc)
             next_loc += count * SECTOR + 4096
         elif kind == "zero":
-            replaced += m.set(start, count, ZERO)
+            m.set(start, count, ZERO)
         else:
             m.discard(start, count)
-    return m, replaced
+    return m
 
 
 def per_sector(m: ExtentMap, start: int, count: int) -> dict[int, int]:
@@ -76,10 +72,9 @@ def per_sector(m: ExtentMap, start: int, count: int) -> dict[int, int]:
 @settings(max_examples=300, deadline=None)
 @given(ops)
 def test_map_matches_model(operations: list[tuple[str, int, int]]) -> None:
-    model, replaced = expected_after(operations)
-    m, got_replaced = apply(operations)
+    model = expected_after(operations)
+    m = apply(operations)
     assert per_sector(m, 0, SPAN) == model
-    assert got_replaced == replaced
     assert m.data_sectors == sum(1 for v in model.values() if v != ZERO)
     assert m.zero_sectors == sum(1 for v in model.values() if v == ZERO)
     listed = list(m)
@@ -96,8 +91,8 @@ def test_map_matches_model(operations: list[tuple[str, int, int]]) -> None:
 def test_lookup_of_subrange(operations: list[tuple[str, int, int]], start: int,
                             count: int) -> None:
     count = min(count, SPAN - start)
-    model, _ = expected_after(operations)
-    m, _ = apply(operations)
+    model = expected_after(operations)
+    m = apply(operations)
     want = {k: v for k, v in model.items() if start <= k < start + count}
     assert per_sector(m, start, count) == want
     # single() agrees with lookup() wherever it gives an answer (MIXED means
@@ -120,7 +115,7 @@ def test_memory_is_proportional_to_what_was_written() -> None:
     tib_sectors = (1 << 40) // SECTOR
     m.set(tib_sectors - 8, 8, 4096)
     m.set(12345, 1, ZERO)
-    assert len(m._chunks) == 2
+    assert len(m._chunks) + len(m._blocks) == 2
     assert m.lookup(tib_sectors - 16, 16) == [(tib_sectors - 16, 8, None),
                                                (tib_sectors - 8, 8, 4096)]
 
@@ -130,7 +125,7 @@ def test_memory_is_proportional_to_what_was_written() -> None:
 # "contig" writes land right after the previous payload so they join neighbours.
 grid_ops = st.lists(
     st.tuples(
-        st.sampled_from(["data", "data", "contig", "zero", "discard"]),
+        st.sampled_from(["data", "data", "contig", "zero", "discard", "read"]),
         st.integers(0, 40),  # block index (8 sectors each): chunks 0 and 1
         st.integers(1, 3),  # blocks
     ),
@@ -162,6 +157,14 @@ def test_block_grid_writes_match_model(operations: list[tuple[str, int, int]]) -
             m.set(start, count, ZERO)
             model.update(dict.fromkeys(range(start, start + count), ZERO))
             assert not m.maps_to(start, count, ZERO)
+        elif kind == "read":  # queries between updates (they move blocks into chunks)
+            want = {k: v for k, v in model.items() if start <= k < start + count}
+            got = m.single(start + 1, 3)  # inside the first block
+            if got != MIXED:
+                assert {start + 1 + i: (got if got == ZERO else got + i * SECTOR)
+                        for i in range(3) if got is not None} == {
+                    k: v for k, v in want.items() if start + 1 <= k < start + 4}
+            assert per_sector(m, start, count) == want
         else:
             m.discard(start, count)
             for i in range(count):
@@ -191,3 +194,55 @@ def test_single_answers() -> None:
     assert m.single(12, 8) == MIXED  # half absent, half data
     assert m.single(20, 16) == MIXED  # data, absent, zero
     assert m.single(CHUNK_SECTORS - 4, 8) == MIXED  # crosses a chunk: use lookup()
+
+
+@settings(max_examples=200, deadline=None)
+@given(grid_ops, st.sampled_from([0, 3, 1 << 19]))
+def test_block_dict_limit_and_queries_agree(operations: list[tuple[str, int, int]],
+                                            limit: int) -> None:
+    """With the block dict full (or off) the map still matches the model.
+
+    Counters and iteration look at both representations without moving
+    blocks; only updates and multi-block lookups move them.
+    """
+    saved = extentmap.BLOCKS_MAX
+    extentmap.BLOCKS_MAX = limit
+    try:
+        model: dict[int, int] = {}
+        m = ExtentMap()
+        loc = 1 << 20
+        base = CHUNK_SECTORS - 20 * 8  # blocks 20.. are in the second chunk
+        for kind, b, n in operations:
+            start, count = base + b * 8, n * 8
+            if kind == "discard":
+                m.discard(start, count)
+                for i in range(count):
+                    model.pop(start + i, None)
+                continue
+            if kind == "read":
+                assert per_sector(m, start, count) == {
+                    k: v for k, v in model.items() if start <= k < start + count}
+                continue
+            # whole blocks one by one, as a file system writes them
+            for blk in range(n):
+                s = start + blk * 8
+                v = ZERO if kind == "zero" else loc
+                m.set(s, 8, v)
+                model.update({s + i: (v if v == ZERO else v + i * SECTOR) for i in range(8)})
+                loc += 8 * SECTOR + (4096 if kind == "data" else 0)
+            assert len(m._blocks) <= limit
+        kept = dict(m._blocks)
+        assert m.data_sectors == sum(1 for v in model.values() if v != ZERO)
+        assert m.zero_sectors == sum(1 for v in model.values() if v == ZERO)
+        listed = list(m)
+        assert m.extent_count == len(listed)
+        assert m._blocks == kept  # counters and iteration moved nothing
+        for (s1, n1, _l1), (s2, _n2, _l2) in itertools.pairwise(listed):
+            assert s1 + n1 <= s2
+        per = {}
+        for s, n, v in listed:
+            per.update({s + i: (v if v == ZERO else v + i * SECTOR) for i in range(n)})
+        assert per == model
+        assert per_sector(m, base, 45 * 8) == model
+    finally:
+        extentmap.BLOCKS_MAX = saved
