@@ -168,9 +168,12 @@ class ChangeFile:
         self.slot = 0  # next free slot in it
         self.end = HEADER_SIZE  # where the next payload or area goes
         self.reserved = 0  # the file's size: room up to here needs no extension
-        # payloads (location -> bytes) written since the last sync started:
-        # only these may be rewritten in place
-        # first sector -> (loc, nbytes) of payloads that no sync has covered yet
+        # Only payloads written since the last sync started may be rewritten
+        # in place.  Payloads are appended in order, so for whole 4 KiB
+        # blocks (ExtentMap.block) that is "at or past the sync mark", the
+        # end of the file when the last sync started (or when opened);
+        # other sizes are listed: first sector -> (loc, nbytes).
+        self._sync_mark = 1 << 62  # nothing, until create/open set it
         self._unsynced: dict[int, tuple[int, int]] = {}
         self.data_bytes = 0
         self.entries = 0
@@ -204,6 +207,7 @@ class ChangeFile:
             raise
         cf = cls(io, header)
         cf.end = cf.reserved = HEADER_SIZE + AREA_SIZE
+        cf._sync_mark = cf.end
         return cf
 
     @classmethod
@@ -227,6 +231,7 @@ class ChangeFile:
             cf._replay(verify=verify, use_index=use_index)
             if writable:
                 cf._reset_tail()
+            cf._sync_mark = cf.end  # what the file held when opened is not rewritten
         except BaseException:
             io.close()
             raise
@@ -475,6 +480,8 @@ class ChangeFile:
             rewrites: list[tuple[Buffer, int, int, int]] = []
             unsynced = self._unsynced
             maps_to = self.map.maps_to
+            block = self.map.block
+            mark = self._sync_mark
             total = 0
             for offset, data in items:
                 nbytes = len(data)
@@ -482,12 +489,29 @@ class ChangeFile:
                 crc = crc32c(data)
                 sector = offset >> 9
                 count = nbytes >> 9
-                hit = unsynced.get(sector)
-                if hit is not None and hit[1] == nbytes and maps_to(sector, count, hit[0]):
-                    loc = hit[0]
-                    placed.append((sector, count, loc, crc, True))
-                    rewrites.append((data, loc, sector, count))
-                    continue
+                if nbytes == 4096 and not offset & 4095:
+                    # a whole block: the map's block dict holds exactly the
+                    # payloads of 8-sector writes; those past the sync mark
+                    # were appended after the last sync started
+                    loc = block(offset >> 12)
+                    if loc is not None:
+                        if loc >= mark:
+                            placed.append((sector, 8, loc, crc, True))
+                            rewrites.append((data, loc, sector, 8))
+                            continue
+                    elif unsynced:  # the dict was full when it was written
+                        hit = unsynced.get(sector)
+                        if hit is not None and hit[1] == 4096 and maps_to(sector, 8, hit[0]):
+                            placed.append((sector, 8, hit[0], crc, True))
+                            rewrites.append((data, hit[0], sector, 8))
+                            continue
+                else:
+                    hit = unsynced.get(sector)
+                    if hit is not None and hit[1] == nbytes and maps_to(sector, count, hit[0]):
+                        loc = hit[0]
+                        placed.append((sector, count, loc, crc, True))
+                        rewrites.append((data, loc, sector, count))
+                        continue
                 if not nbytes & _ALIGN_MASK and end & _ALIGN_MASK:
                     loc = (end + _ALIGN_MASK) & ~_ALIGN_MASK
                     iov.append(_ZEROS[:loc - end])
@@ -542,7 +566,8 @@ class ChangeFile:
                     continue
                 appended = True
                 mset(sector, count, loc)
-                unsynced[sector] = (loc, count << 9)
+                if count != 8 or sector & 7 or block(sector >> 3) != loc:
+                    unsynced[sector] = (loc, count << 9)
                 self.data_bytes += count << 9
             return total
 
@@ -579,6 +604,7 @@ class ChangeFile:
         with self.lock:
             upto = self.seq
             self._unsynced.clear()  # from now on their payloads may reach the disk
+            self._sync_mark = self.end
         self.io.fdatasync()
         if upto > self.durable_seq:
             self.durable_seq = upto

@@ -11,13 +11,14 @@ probe plus a bisect over a small list, and memory is proportional to what was
 written, never to the device size.  Extents never cross a chunk boundary.
 
 Whole 4 KiB blocks (8 sectors starting at a multiple of 8: what file systems
-and most clients write) are kept apart in a plain dict, block -> location,
-when no chunk extent overlaps them: setting, reading or checking one costs a
-dict operation instead of a bisect and three list inserts.  The two never
-overlap: a set that is not a whole block first moves ("demotes") the blocks
-it touches into their chunks, as does a lookup of a range larger than a
-block (there, contiguous blocks merge into one extent).  The counters and
-iteration cover both without moving anything.  The dict holds at most
+and most clients write) are kept apart in a plain dict, block -> location
+(a set of one cuts the block out of its chunk's extents first): setting,
+reading or checking one costs a dict operation instead of a bisect and three
+list inserts, and :meth:`ExtentMap.block` tells where a block written whole
+lives.  The two never overlap: a set that is not a whole block first moves
+("demotes") the blocks it touches into their chunks.
+Queries, the counters and iteration cover both and move nothing (lookups of
+larger ranges merge contiguous blocks on the fly).  The dict holds at most
 :data:`BLOCKS_MAX` blocks (2 GiB of 4 KiB writes, ~50 MiB of memory); past
 that, new blocks go to the chunks, which merge contiguous writes.
 """
@@ -62,12 +63,7 @@ class ExtentMap:
     def _demote(self, start: int, count: int) -> None:
         """Move the blocks overlapping ``[start, start + count)`` into their chunks."""
         blocks = self._blocks
-        b0 = start >> 3
-        b1 = (start + count + 7) >> 3
-        if b1 - b0 <= len(blocks):
-            found = [b for b in range(b0, b1) if b in blocks]
-        else:
-            found = sorted(b for b in blocks if b0 <= b < b1)
+        found = self._blocks_in(start, count)
         for b in found:
             loc = blocks.pop(b)
             if loc == ZERO:
@@ -85,12 +81,19 @@ class ExtentMap:
         ``loc`` is a file byte offset, :data:`ZERO`, or ``None`` for absent.
         Adjacent runs are merged when their locations are contiguous.
         """
-        if self._blocks:
+        blocks = self._blocks
+        if blocks:
             b = start >> 3
-            if b == (start + count - 1) >> 3 and b in self._blocks:
-                loc = self._blocks[b]
-                return [(start, count, loc if loc == ZERO else loc + (start - (b << 3)) * SECTOR)]
-            self._demote(start, count)
+            if b == (start + count - 1) >> 3:
+                loc = blocks.get(b)
+                if loc is not None:
+                    return [(start, count,
+                             loc if loc == ZERO else loc + (start - (b << 3)) * SECTOR)]
+            elif self._blocks_in(start, count):
+                return self._lookup_merged(start, count)
+        return self._lookup_chunks(start, count)
+
+    def _lookup_chunks(self, start: int, count: int) -> list[tuple[int, int, int | None]]:
         end = start + count
         chunks = self._chunks
         cidx = start >> CHUNK_SHIFT
@@ -138,6 +141,35 @@ class ExtentMap:
                 _append(out, pos, e - pos, loc)
                 pos = e
                 i += 1
+        return out
+
+    def _blocks_in(self, start: int, count: int) -> list[int]:
+        """The blocks of the dict that overlap ``[start, start + count)``, in order."""
+        blocks = self._blocks
+        b0 = start >> 3
+        b1 = (start + count + 7) >> 3
+        if b1 - b0 <= len(blocks):
+            return [b for b in range(b0, b1) if b in blocks]
+        return sorted(b for b in blocks if b0 <= b < b1)
+
+    def _lookup_merged(self, start: int, count: int) -> list[tuple[int, int, int | None]]:
+        """:meth:`lookup` of a range the block dict has a part of (nothing moves)."""
+        blocks = self._blocks
+        end = start + count
+        out: list[tuple[int, int, int | None]] = []
+        pos = start
+        for b in self._blocks_in(start, count):
+            s = max(b << 3, start)
+            if s > pos:  # the chunks answer between the blocks
+                for run in self._lookup_chunks(pos, s - pos):
+                    _append(out, *run)
+            e = min((b << 3) + 8, end)
+            loc = blocks[b]
+            _append(out, s, e - s, loc if loc == ZERO else loc + (s - (b << 3)) * SECTOR)
+            pos = e
+        if pos < end:
+            for run in self._lookup_chunks(pos, end - pos):
+                _append(out, *run)
         return out
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
@@ -195,8 +227,11 @@ class ExtentMap:
             b = start >> 3
             old = blocks.get(b)
             if old is None:
-                chunk = self._chunks.get(start >> CHUNK_SHIFT)
-                if len(blocks) < BLOCKS_MAX and (chunk is None or _clear(chunk, start, start + 8)):
+                if len(blocks) < BLOCKS_MAX:
+                    cidx = start >> CHUNK_SHIFT
+                    chunk = self._chunks.get(cidx)
+                    if chunk is not None and not _clear(chunk, start, start + 8):
+                        self._drop_in_chunk(cidx, start, start + 8)  # the block replaces it
                     blocks[b] = loc
                     if loc == ZERO:
                         self.zero_sectors += 8
@@ -228,6 +263,16 @@ class ExtentMap:
             self._set_in_chunk(cidx, pos, cend, piece_loc)
             pos = cend
 
+    def block(self, b: int) -> int | None:
+        """The location of 4 KiB block ``b`` if the block dict holds it.
+
+        Only ``set(b * 8, 8, loc)`` puts a block there, so for a caller
+        that sets each payload it writes with one call, a location here
+        is the whole payload of one 8-sector write (the change file's
+        in-place rewrite check relies on that).
+        """
+        return self._blocks.get(b)
+
     def single(self, start: int, count: int) -> int | None:
         """What ``[start, start + count)`` is, when it is one thing (reads' hot path).
 
@@ -235,14 +280,16 @@ class ExtentMap:
         all one piece of data, :data:`MIXED` otherwise (use :meth:`lookup`).
         """
         end = start + count
-        if self._blocks:
+        blocks = self._blocks
+        if blocks:
             b = start >> 3
             if b == (end - 1) >> 3:
-                loc = self._blocks.get(b)
+                loc = blocks.get(b)
                 if loc is not None:
                     return loc if loc == ZERO else loc + (start - (b << 3)) * SECTOR
-            else:
-                self._demote(start, count)
+            elif self._blocks_in(start, count):
+                runs = self._lookup_merged(start, count)
+                return runs[0][2] if len(runs) == 1 else MIXED
         if (end - 1) >> CHUNK_SHIFT != start >> CHUNK_SHIFT:
             return MIXED
         chunk = self._chunks.get(start >> CHUNK_SHIFT)
@@ -259,14 +306,15 @@ class ExtentMap:
 
     def maps_to(self, start: int, count: int, loc: int) -> bool:
         """Do sectors ``[start, start + count)`` map to data at file offset ``loc``?"""
-        if self._blocks:
+        blocks = self._blocks
+        if blocks:
             b = start >> 3
             if b == (start + count - 1) >> 3:
-                xloc = self._blocks.get(b)
+                xloc = blocks.get(b)
                 if xloc is not None:
                     return xloc != ZERO and xloc + (start - (b << 3)) * SECTOR == loc
-            else:
-                self._demote(start, count)
+            elif self._blocks_in(start, count):
+                return self.single(start, count) == loc and loc != ZERO
         chunk = self._chunks.get(start >> CHUNK_SHIFT)
         if chunk is None:
             return False
@@ -367,27 +415,26 @@ class ExtentMap:
         if self._blocks:
             self._demote(start, count)
         pos, end = start, start + count
-        while pos < end:  # first zero (one extent per chunk), then drop those extents
-            cidx = pos >> CHUNK_SHIFT
-            cend = min(end, (cidx + 1) << CHUNK_SHIFT)
-            self._set_in_chunk(cidx, pos, cend, ZERO)
-            pos = cend
-        pos, end = start, start + count
         while pos < end:
             cidx = pos >> CHUNK_SHIFT
             cend = min(end, (cidx + 1) << CHUNK_SHIFT)
-            chunk = self._chunks[cidx]
-            i = bisect_right(chunk.starts, pos) - 1
-            s, e = chunk.starts[i], chunk.ends[i]
-            pieces = [(a, b) for a, b in ((s, pos), (cend, e)) if b > a]
-            chunk.starts[i:i + 1] = [a for a, _ in pieces]
-            chunk.ends[i:i + 1] = [b for _, b in pieces]
-            chunk.locs[i:i + 1] = [ZERO] * len(pieces)
-            self._extent_count += len(pieces) - 1
-            self.zero_sectors -= cend - pos
-            if not chunk.starts:
-                del self._chunks[cidx]
+            self._drop_in_chunk(cidx, pos, cend)
             pos = cend
+
+    def _drop_in_chunk(self, cidx: int, pos: int, cend: int) -> None:
+        """Make ``[pos, cend)``, inside chunk ``cidx``, absent in the chunk."""
+        self._set_in_chunk(cidx, pos, cend, ZERO)  # one extent, then drop it
+        chunk = self._chunks[cidx]
+        i = bisect_right(chunk.starts, pos) - 1
+        s, e = chunk.starts[i], chunk.ends[i]
+        pieces = [(a, b) for a, b in ((s, pos), (cend, e)) if b > a]
+        chunk.starts[i:i + 1] = [a for a, _ in pieces]
+        chunk.ends[i:i + 1] = [b for _, b in pieces]
+        chunk.locs[i:i + 1] = [ZERO] * len(pieces)
+        self._extent_count += len(pieces) - 1
+        self.zero_sectors -= cend - pos
+        if not chunk.starts:
+            del self._chunks[cidx]
 
 
 def _clear(chunk: _Chunk, s: int, e: int) -> bool:

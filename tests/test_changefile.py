@@ -11,6 +11,7 @@ from lbd.layers import changefile as cfmod
 from lbd.layers.changefile import AREA_SLOTS, ENTRY_SIZE, ChangeFile
 from lbd.layers.fileio import FileIO
 
+from lbd import extentmap
 from lbd.errors import ConfigError, CorruptionError
 from lbd.layer import Identity
 
@@ -89,7 +90,14 @@ def test_many_entries_span_journal_areas(tmp_path: Path) -> None:
     cf.close()
 
 
-def test_rewrites_go_in_place_until_a_sync(tmp_path: Path) -> None:
+@pytest.fixture(params=["block-dict", "no-block-dict"])
+def block_dict(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole 4 KiB blocks held in the map's block dict, or (when it is full) not."""
+    if request.param == "no-block-dict":
+        monkeypatch.setattr(extentmap, "BLOCKS_MAX", 0)
+
+
+def test_rewrites_go_in_place_until_a_sync(tmp_path: Path, block_dict: None) -> None:
     p = str(tmp_path / "c.lbd")
     cf = ChangeFile.create(p, 64 * MiB, Identity())
     for i in range(10):
@@ -105,6 +113,34 @@ def test_rewrites_go_in_place_until_a_sync(tmp_path: Path) -> None:
     cf = ChangeFile.open(p, writable=False)
     assert read(cf, 0, 8) == pattern(11) and read(cf, 8, 8) == pattern(12)
     assert cf.stats().dead_bytes == 4096
+    cf.close()
+
+
+def test_in_place_needs_a_whole_unsynced_payload(tmp_path: Path, block_dict: None) -> None:
+    """Only a payload of exactly the same size, written since the last sync
+    started (or the file was opened), is rewritten in place."""
+    p = str(tmp_path / "c.lbd")
+    cf = ChangeFile.create(p, 64 * MiB, Identity())
+    cf.write(0, [pattern(1, 65536)], 65536)
+    cf.write(0, [pattern(2)], 4096)  # part of a larger payload: appended
+    assert cf.stats().data_bytes == 65536 + 4096
+    cf.write(0, [pattern(3)], 4096)  # the whole 4 KiB payload just appended: in place
+    cf.write(16, [pattern(4, 8192)], 8192)  # 8 KiB over 8 KiB of the first payload
+    cf.write(16, [pattern(5, 8192)], 8192)  # the same 8 KiB again: in place
+    assert cf.stats().data_bytes == 65536 + 4096 + 8192
+    cf.close()  # clean: the next open loads the index snapshot
+    cf = ChangeFile.open(p, writable=True)
+    cf.write(0, [pattern(6)], 4096)  # held since before the open: appended
+    cf.write(16, [pattern(7, 8192)], 8192)
+    assert cf.stats().data_bytes == 65536 + 4096 + 8192 + 4096 + 8192
+    cf.write(0, [pattern(8)], 4096)  # written since the open: in place
+    assert cf.stats().data_bytes == 65536 + 4096 + 8192 + 4096 + 8192
+    cf.close(clean=False)
+    cf = ChangeFile.open(p, writable=False)
+    assert read(cf, 0, 8) == pattern(8)
+    assert read(cf, 8, 8) == pattern(1, 65536)[4096:8192]
+    assert read(cf, 16, 16) == pattern(7, 8192)
+    assert read(cf, 32, 96) == pattern(1, 65536)[16384:]
     cf.close()
 
 

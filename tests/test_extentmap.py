@@ -107,7 +107,23 @@ def test_sequential_writes_coalesce() -> None:
     for i in range(100):
         m.set(i * 8, 8, 4096 + i * 8 * SECTOR)
     assert m.lookup(0, 800) == [(0, 800, 4096)]
-    assert m.extent_count == 1
+    assert m.single(0, 800) == 4096
+    assert m.maps_to(8, 792, 4096 + 8 * SECTOR)
+    assert m.extent_count == 100  # whole blocks are held one by one (up to BLOCKS_MAX)
+    assert len(m._blocks) == 100  # and reads moved none of them
+    m.set(4, 8, 1 << 30)  # a write across two blocks moves them into the chunk
+    assert len(m._blocks) == 98
+    assert m.lookup(0, 24) == [(0, 4, 4096), (4, 8, 1 << 30), (12, 12, 4096 + 12 * SECTOR)]
+    saved = extentmap.BLOCKS_MAX
+    extentmap.BLOCKS_MAX = 0  # with no block dict they merge into one extent
+    try:
+        m = ExtentMap()
+        for i in range(100):
+            m.set(i * 8, 8, 4096 + i * 8 * SECTOR)
+        assert m.extent_count == 1
+        assert m.lookup(0, 800) == [(0, 800, 4096)]
+    finally:
+        extentmap.BLOCKS_MAX = saved
 
 
 def test_memory_is_proportional_to_what_was_written() -> None:
@@ -157,7 +173,7 @@ def test_block_grid_writes_match_model(operations: list[tuple[str, int, int]]) -
             m.set(start, count, ZERO)
             model.update(dict.fromkeys(range(start, start + count), ZERO))
             assert not m.maps_to(start, count, ZERO)
-        elif kind == "read":  # queries between updates (they move blocks into chunks)
+        elif kind == "read":  # queries between updates (they must move nothing)
             want = {k: v for k, v in model.items() if start <= k < start + count}
             got = m.single(start + 1, 3)  # inside the first block
             if got != MIXED:
