@@ -477,7 +477,7 @@ class ChangeFile:
             end = self.end
             placed = []  # (sector, count, loc, crc, in_place)
             iov: list[Buffer] = []
-            rewrites: list[tuple[Buffer, int, int, int]] = []
+            rewrites: list[tuple[Buffer, int]] = []  # (data, loc), in order
             unsynced = self._unsynced
             maps_to = self.map.maps_to
             block = self.map.block
@@ -497,20 +497,20 @@ class ChangeFile:
                     if loc is not None:
                         if loc >= mark:
                             placed.append((sector, 8, loc, crc, True))
-                            rewrites.append((data, loc, sector, 8))
+                            rewrites.append((data, loc))
                             continue
                     elif unsynced:  # the dict was full when it was written
                         hit = unsynced.get(sector)
                         if hit is not None and hit[1] == 4096 and maps_to(sector, 8, hit[0]):
                             placed.append((sector, 8, hit[0], crc, True))
-                            rewrites.append((data, hit[0], sector, 8))
+                            rewrites.append((data, hit[0]))
                             continue
                 else:
                     hit = unsynced.get(sector)
                     if hit is not None and hit[1] == nbytes and maps_to(sector, count, hit[0]):
                         loc = hit[0]
                         placed.append((sector, count, loc, crc, True))
-                        rewrites.append((data, loc, sector, count))
+                        rewrites.append((data, loc))
                         continue
                 if not nbytes & _ALIGN_MASK and end & _ALIGN_MASK:
                     loc = (end + _ALIGN_MASK) & ~_ALIGN_MASK
@@ -546,11 +546,14 @@ class ChangeFile:
                 self.slot += len(chunk)
                 self.entries += len(chunk)
                 i += len(chunk)
-            for k, (data, loc, _sector, _count) in enumerate(rewrites):
+            if rewrites:
                 try:
-                    self.io.pwrite(data, loc)
-                except OSError:
-                    self._revouch(rewrites[k:])
+                    self.io.pwrite_each(rewrites)
+                except OSError as exc:
+                    k = getattr(exc, "items_written", 0)
+                    in_place = [(s, c) for s, c, _loc, _crc, ip in placed if ip]
+                    self._revouch([(data, loc, s, c) for (data, loc), (s, c)
+                                   in zip(rewrites[k:], in_place[k:])])
                     raise
             if not iov:
                 return total  # all rewrites in place: the map already says where they are

@@ -127,6 +127,33 @@ class FileIO:
     def pwrite(self, data: Buffer, offset: int) -> None:
         self.pwritev([data], offset)
 
+    def pwrite_each(self, items: Sequence[tuple[Buffer, int]]) -> None:
+        """``pwrite(data, offset)`` for each item, in order.
+
+        One system call per item, without the Python layers of
+        :meth:`pwrite` (the change file's in-place rewrites); a subclass
+        that replaces :meth:`pwritev` (tests that record or fail writes)
+        still sees every write.  An error stops it: the exception's
+        ``items_written`` says how many items were written before it.
+        """
+        k = 0
+        try:
+            if type(self).pwritev is not FileIO.pwritev:
+                for data, offset in items:
+                    self.pwritev([data], offset)
+                    k += 1
+                return
+            fd = self.fd
+            pwrite = os.pwrite
+            for data, offset in items:
+                n = pwrite(fd, data, offset)
+                if n != len(data):  # short: finish it (ENOSPC surfaces there)
+                    self.pwritev([memoryview(data)[n:]], offset + n)
+                k += 1
+        except OSError as exc:
+            exc.items_written = k  # type: ignore[attr-defined]
+            raise
+
     def copy_from(self, src: FileIO, src_offset: int, length: int, offset: int) -> None:
         """Copy ``length`` bytes of ``src`` into this file (the offline tools).
 

@@ -26,7 +26,7 @@ that, new blocks go to the chunks, which merge contiguous writes.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 ZERO = -1
 MIXED = -2  # ExtentMap.single: the range is not one thing
@@ -51,6 +51,13 @@ class ExtentMap:
     def __init__(self) -> None:
         self._chunks: dict[int, _Chunk] = {}
         self._blocks: dict[int, int] = {}  # whole 4 KiB blocks no chunk extent overlaps
+        # block(b): the location of 4 KiB block b if the block dict holds it
+        # (a bound dict.get: the write path calls it per write).  Only
+        # set(b * 8, 8, loc) puts a block there, so for a caller that sets
+        # each payload it writes with one call, a location here is the whole
+        # payload of one 8-sector write (the change file's in-place rewrites
+        # rely on that).
+        self.block: Callable[[int], int | None] = self._blocks.get
         self.data_sectors = 0  # sectors in the data state (chunks and blocks)
         self.zero_sectors = 0  # sectors in the zero state
         self._extent_count = 0  # extents in the chunks
@@ -262,16 +269,6 @@ class ExtentMap:
             piece_loc = loc if loc == ZERO else loc + (pos - start) * SECTOR
             self._set_in_chunk(cidx, pos, cend, piece_loc)
             pos = cend
-
-    def block(self, b: int) -> int | None:
-        """The location of 4 KiB block ``b`` if the block dict holds it.
-
-        Only ``set(b * 8, 8, loc)`` puts a block there, so for a caller
-        that sets each payload it writes with one call, a location here
-        is the whole payload of one 8-sector write (the change file's
-        in-place rewrite check relies on that).
-        """
-        return self._blocks.get(b)
 
     def single(self, start: int, count: int) -> int | None:
         """What ``[start, start + count)`` is, when it is one thing (reads' hot path).
