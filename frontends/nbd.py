@@ -21,6 +21,7 @@ that one connection; nothing a client sends can stop the server.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -50,6 +51,8 @@ SENDFILE_MIN = 64 * 1024  # reads this large go out with sendfile when they can
 LONE_CLIENT_WAIT = 0.0002  # seconds one connection alone may wait for its next request
 LONE_CLIENT_SPIN = float(os.environ.get("LBD_LONE_SPIN_US", "50")) * 1e-6
 IOV_MAX = 1024
+# the simple reply "OK" for a handle (a C-level partial: the write path maps it)
+_OK_REPLY = functools.partial(P.SIMPLE_REPLY.pack, P.SIMPLE_REPLY_MAGIC, 0)
 _ids = itertools.count(1)
 
 _ERRNO_TO_NBD = {errno.EPERM: P.EPERM, errno.EROFS: P.EPERM, errno.EIO: P.EIO,
@@ -852,11 +855,11 @@ class Connection:
                 self._write_one(handle, offset, payload, durable)
             return
         batch.clear()
-        pack = P.SIMPLE_REPLY.pack
-        magic = P.SIMPLE_REPLY_MAGIC
         out = self._out
         if fua:
             durable = set(fua)
+            pack = P.SIMPLE_REPLY.pack
+            magic = P.SIMPLE_REPLY_MAGIC
             for i, handle in enumerate(handles):
                 if i not in durable:
                     out.append(pack(magic, 0, handle))
@@ -864,8 +867,7 @@ class Connection:
             self._spawn(self._flush_async, P.CMD_WRITE, [handles[i] for i in fua])
             fua.clear()
         else:
-            for handle in handles:
-                out.append(pack(magic, 0, handle))
+            out.append(b"".join(map(_OK_REPLY, handles)))  # one buffer for all
             self._out_bytes += P.SIMPLE_REPLY.size * len(handles)
         handles.clear()
 
