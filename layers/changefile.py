@@ -475,14 +475,17 @@ class ChangeFile:
         """
         with self.lock:
             end = self.end
-            placed = []  # (sector, count, loc, crc, in_place)
-            iov: list[Buffer] = []
+            placed = []  # (sector, count, loc, crc, in_place): the entries, in order
+            iov: list[Buffer] = []  # the appended payloads (and alignment gaps)
             rewrites: list[tuple[Buffer, int]] = []  # (data, loc), in order
+            runs: list[tuple[int, int, int]] = []  # map updates, in order
+            fresh: set[int] = set()  # whole blocks appended by this batch
+            spill = False  # a payload other than a whole block was appended
             unsynced = self._unsynced
             maps_to = self.map.maps_to
             block = self.map.block
             mark = self._sync_mark
-            total = 0
+            total = appended = 0
             for offset, data in items:
                 nbytes = len(data)
                 total += nbytes
@@ -493,25 +496,29 @@ class ChangeFile:
                     # a whole block: the map's block dict holds exactly the
                     # payloads of 8-sector writes; those past the sync mark
                     # were appended after the last sync started
-                    loc = block(offset >> 12)
-                    if loc is not None:
-                        if loc >= mark:
-                            placed.append((sector, 8, loc, crc, True))
-                            rewrites.append((data, loc))
-                            continue
-                    elif unsynced:  # the dict was full when it was written
+                    b = offset >> 12
+                    loc = block(b)
+                    if loc is None and unsynced:  # the dict was full when it was written
                         hit = unsynced.get(sector)
                         if hit is not None and hit[1] == 4096 and maps_to(sector, 8, hit[0]):
-                            placed.append((sector, 8, hit[0], crc, True))
-                            rewrites.append((data, hit[0]))
-                            continue
+                            loc = hit[0]
+                    if loc is not None and loc >= mark:
+                        placed.append((sector, 8, loc, crc, True))
+                        rewrites.append((data, loc))
+                        if spill or b in fresh:  # must win over this batch's append
+                            runs.append((sector, 8, loc))
+                        continue
+                    fresh.add(b)
                 else:
                     hit = unsynced.get(sector)
                     if hit is not None and hit[1] == nbytes and maps_to(sector, count, hit[0]):
                         loc = hit[0]
                         placed.append((sector, count, loc, crc, True))
                         rewrites.append((data, loc))
+                        if appended:
+                            runs.append((sector, count, loc))
                         continue
+                    spill = True
                 if not nbytes & _ALIGN_MASK and end & _ALIGN_MASK:
                     loc = (end + _ALIGN_MASK) & ~_ALIGN_MASK
                     iov.append(_ZEROS[:loc - end])
@@ -519,6 +526,10 @@ class ChangeFile:
                     loc = end
                 iov.append(data)
                 placed.append((sector, count, loc, crc, False))
+                runs.append((sector, count, loc))
+                if nbytes != 4096 or offset & 4095:
+                    unsynced[sector] = (loc, nbytes)
+                appended += nbytes
                 end = loc + nbytes
             if iov:
                 self._room(end)
@@ -555,23 +566,14 @@ class ChangeFile:
                     self._revouch([(data, loc, s, c) for (data, loc), (s, c)
                                    in zip(rewrites[k:], in_place[k:])])
                     raise
-            if not iov:
-                return total  # all rewrites in place: the map already says where they are
-            # In-place rewrites before the first appended payload need no map
-            # update (the map already points at them); after one, they must
-            # win over it where they overlap, so they are set again, in order.
-            mset = self.map.set
-            appended = False
-            for sector, count, loc, _crc, in_place in placed:
-                if in_place:
-                    if appended:
-                        mset(sector, count, loc)
-                    continue
-                appended = True
-                mset(sector, count, loc)
-                if count != 8 or sector & 7 or block(sector >> 3) != loc:
+            # The map: appended payloads, and in-place rewrites that must win
+            # over a payload appended earlier in this batch (the others need
+            # nothing: the map already points at them).  Whole blocks the
+            # block dict had no room for are listed as unsynced instead.
+            if runs:
+                for sector, count, loc in self.map.set_many(runs):
                     unsynced[sector] = (loc, count << 9)
-                self.data_bytes += count << 9
+            self.data_bytes += appended
             return total
 
     def _revouch(self, failed: Sequence[tuple[Buffer, int, int, int]]) -> None:

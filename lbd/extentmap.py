@@ -26,7 +26,7 @@ that, new blocks go to the chunks, which merge contiguous writes.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 ZERO = -1
 MIXED = -2  # ExtentMap.single: the range is not one thing
@@ -269,6 +269,40 @@ class ExtentMap:
             piece_loc = loc if loc == ZERO else loc + (pos - start) * SECTOR
             self._set_in_chunk(cidx, pos, cend, piece_loc)
             pos = cend
+
+    def set_many(self, runs: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """:meth:`set` each ``(start, count, loc)`` in order (a batch of writes).
+
+        Returns the whole blocks among them that did not go to the block
+        dict (it was full), for callers that track those themselves.
+        """
+        blocks = self._blocks
+        get = blocks.get
+        chunks = self._chunks
+        missed: list[tuple[int, int, int]] = []
+        data = zero = 0  # counter changes of the fast paths, added at the end
+        for start, count, loc in runs:
+            if count == 8 and not start & 7 and loc != ZERO:
+                b = start >> 3
+                old = get(b)
+                if old is not None:
+                    blocks[b] = loc
+                    if old == ZERO:
+                        zero -= 8
+                        data += 8
+                    continue
+                if len(blocks) < BLOCKS_MAX and start >> CHUNK_SHIFT not in chunks:
+                    blocks[b] = loc
+                    data += 8
+                    continue
+                self.set(start, count, loc)
+                if get(b) != loc:
+                    missed.append((start, count, loc))
+                continue
+            self.set(start, count, loc)
+        self.data_sectors += data
+        self.zero_sectors += zero
+        return missed
 
     def single(self, start: int, count: int) -> int | None:
         """What ``[start, start + count)`` is, when it is one thing (reads' hot path).
