@@ -538,9 +538,14 @@ class Connection:
         read_cached = device.read_cached
         wbatch_add = self._wbatch.append
         whandles_add = self._whandles.append
-        read_header = P.read_chunk_header
         simple_ok = P.SIMPLE_REPLY.pack
         SIMPLE_MAGIC = P.SIMPLE_REPLY_MAGIC
+        # the final OFFSET_DATA chunk of a structured read reply (28 bytes)
+        chunk_pack = P.READ_CHUNK.pack
+        SR_MAGIC, SR_DONE, SR_DATA = (P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                                      P.REPLY_TYPE_OFFSET_DATA)
+        structured = self.structured
+        out_bytes = 0  # reply bytes queued by the read hot path, added per receive
         # plain writes may skip _write's checks (the export and stack are
         # writable and local); re-read per receive since a layer may be pushed
         batchable = False
@@ -554,6 +559,7 @@ class Connection:
                         return
                     continue
                 # parse and serve every complete request in the buffer
+                out_extend = self._out.extend  # _flush replaces the list between receives
                 while end - start >= req_size:
                     magic, flags, cmd, handle, offset, length = req.unpack_from(buf, start)
                     if magic != magic_ok:
@@ -567,6 +573,7 @@ class Connection:
                             start, end = await self._discard(buf, mv, start, end, length)
                             if start < 0:
                                 return
+                            out_extend = self._out.extend  # a _flush may have run meanwhile
                             self._error(cmd, handle, P.EOVERFLOW, f"write of {length} bytes "
                                         f"exceeds the maximum {MAX_REQUEST}")
                             continue
@@ -612,10 +619,13 @@ class Connection:
                         except Exception as exc:
                             self._fail(cmd, handle, exc)
                             continue
-                        head = (read_header(handle, offset, length) if self.structured
-                                else simple_ok(SIMPLE_MAGIC, 0, handle))
-                        self._out += (head, data)
-                        self._out_bytes += len(head) + length
+                        if structured:
+                            out_extend((chunk_pack(SR_MAGIC, SR_DONE, SR_DATA, handle,
+                                                   length + 8, offset), data))
+                            out_bytes += length + 28
+                        else:
+                            out_extend((simple_ok(SIMPLE_MAGIC, 0, handle), data))
+                            out_bytes += length + 16
                         continue
                     self._commit_writes()
                     if cmd == P.CMD_DISC:
@@ -625,6 +635,8 @@ class Connection:
                 self._commit_writes()
                 self.requests += n_requests
                 n_requests = 0
+                self._out_bytes += out_bytes
+                out_bytes = 0
                 if self._out:
                     await self._flush()
                     if self._out_bytes >= OUTPUT_HIGH_WATER:
@@ -645,6 +657,7 @@ class Connection:
                 end += n
         finally:
             self.requests += n_requests
+            self._out_bytes += out_bytes
 
     async def _refuse(self, buf: bytearray, mv: memoryview, start: int,
                       end: int) -> tuple[int, int]:

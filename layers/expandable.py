@@ -133,14 +133,26 @@ class ExpandableLayer(Layer):
 
     def read_fast(self, offset: int, length: int) -> bytearray | bool | None:
         cf = self.cf
-        with cf.lock:
-            loc = cf.map.single(offset >> 9, length >> 9)
+        m = cf.map
+        # A whole 4 KiB block: one probe of the map's block dict (a single
+        # dict operation, atomic without the lock); where it is not there
+        # and the map has no extent lists either, the block is absent.
+        if length == 4096 and not offset & 4095:
+            loc = m.block(offset >> 12)
+            if loc is None:
+                if not m._chunks:
+                    return False
+                with cf.lock:
+                    loc = m.single(offset >> 9, 8)
+        else:
+            with cf.lock:
+                loc = m.single(offset >> 9, length >> 9)
         if loc is None:
             return False
         if loc < 0:
             return bytearray(length) if loc == ZERO else None
         try:
-            data = self.cf.io.read_nowait(length, loc)
+            data = cf.io.read_nowait(length, loc)
         except OSError as exc:
             raise IOFailure.from_oserror(exc, f"reading {self.path}") from exc
         self.reads += 1

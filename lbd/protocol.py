@@ -379,12 +379,12 @@ def chunk_header(handle: int, rtype: int, length: int, done: bool = True) -> byt
                                   rtype, handle, length)
 
 
-_READ_CHUNK = struct.Struct(">IHHQIQ")
+READ_CHUNK = struct.Struct(">IHHQIQ")  # a chunk header with the offset of OFFSET_DATA
 
 
 def read_chunk_header(handle: int, offset: int, length: int) -> bytes:
     """Header of a final OFFSET_DATA chunk; ``length`` data bytes follow."""
-    return _READ_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA,
+    return READ_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA,
                             handle, length + 8, offset)
 
 
