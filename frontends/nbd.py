@@ -429,8 +429,11 @@ class Connection:
         try:
             while self._out:
                 bufs, self._out = self._out, []
-                size = sum(len(b) for b in bufs)  # before _sendv trims partly sent buffers
-                await self._sendv(bufs)
+                size = sum(map(len, bufs))  # before sending trims partly sent buffers
+                if FileSlice in map(type, bufs):
+                    await self._sendv(bufs)
+                else:
+                    await self._sendmsg_all(bufs)
                 self._out_bytes -= size
         except OSError as exc:
             log.info("conn %d: send failed (%s); dropping the connection", self.cid, exc)
@@ -466,10 +469,14 @@ class Connection:
         i = 0
         n_bufs = len(bufs)
         while i < n_bufs:
+            chunk = bufs if not i and n_bufs <= IOV_MAX else bufs[i:i + IOV_MAX]
             try:
-                sent = raw.sendmsg(bufs[i:i + IOV_MAX])
+                sent = raw.sendmsg(chunk)
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(raw)
+                continue
+            if sent == sum(map(len, chunk)):  # the usual case: all of it
+                i += len(chunk)
                 continue
             while sent and i < n_bufs:
                 n = len(bufs[i])
