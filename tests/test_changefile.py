@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
@@ -143,6 +144,54 @@ def test_in_place_needs_a_whole_unsynced_payload(tmp_path: Path, block_dict: Non
     assert read(cf, 8, 8) == pattern(1, 65536)[4096:8192]
     assert read(cf, 16, 16) == pattern(7, 8192)
     assert read(cf, 32, 96) == pattern(1, 65536)[16384:]
+    cf.close()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["os.pwrite", "pwritev-seam"])
+def test_failed_rewrite_in_a_batch_loses_nothing_else(tmp_path: Path, fast: bool) -> None:
+    """The second of three in-place rewrites of a batch fails (EIO): the
+    first landed, the second and third are vouched for as what is on disk,
+    and writes after them survive a replay (the journal is not cut)."""
+    p = str(tmp_path / "c.lbd")
+    fail_at: list[int] = []
+
+    class FailingIO(FileIO):
+        if not fast:  # the general path: pwrite_each goes through pwritev
+            def pwritev(self, buffers, offset):  # type: ignore[no-untyped-def]
+                if offset in fail_at:
+                    raise OSError(errno.EIO, "injected")
+                super().pwritev(buffers, offset)
+
+    cf = ChangeFile.create(p, 64 * MiB, Identity(), io_factory=FailingIO)
+    for i in range(3):
+        cf.write(i * 8, [pattern(i)], 4096)
+    loc1 = cf.lookup(8, 8)[0][2]
+    if fast:  # the fast path calls os.pwrite itself: fail it there
+        real = os.pwrite
+
+        def pwrite(fd: int, data: bytes, offset: int) -> int:
+            if offset == loc1:
+                raise OSError(errno.EIO, "injected")
+            return real(fd, data, offset)
+        patch = pytest.MonkeyPatch()
+        patch.setattr(os, "pwrite", pwrite)
+    else:
+        fail_at.append(loc1)
+    try:
+        with pytest.raises(OSError):
+            cf.write_blocks([(i * 4096, memoryview(pattern(10 + i))) for i in range(3)])
+    finally:
+        if fast:
+            patch.undo()
+        fail_at.clear()
+    cf.write(64, [pattern(20)], 4096)  # a later write
+    cf.close(clean=False)
+    cf = ChangeFile.open(p, writable=False, verify=True)
+    assert cf.dropped_tail == 0
+    assert read(cf, 0, 8) == pattern(10)  # landed before the failure
+    assert read(cf, 8, 8) == pattern(1)  # the failed rewrite: the old bytes are still there
+    assert read(cf, 16, 8) == pattern(2)  # after it in the batch: never written
+    assert read(cf, 64, 8) == pattern(20)
     cf.close()
 
 
