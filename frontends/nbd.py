@@ -53,6 +53,7 @@ LONE_CLIENT_SPIN = float(os.environ.get("LBD_LONE_SPIN_US", "50")) * 1e-6
 IOV_MAX = 1024
 # the simple reply "OK" for a handle (a C-level partial: the write path maps it)
 _OK_REPLY = functools.partial(P.SIMPLE_REPLY.pack, P.SIMPLE_REPLY_MAGIC, 0)
+_PLAIN = frozenset((bytes, bytearray, memoryview))  # what sendmsg takes as it is
 _ids = itertools.count(1)
 
 _ERRNO_TO_NBD = {errno.EPERM: P.EPERM, errno.EROFS: P.EPERM, errno.EIO: P.EIO,
@@ -430,10 +431,10 @@ class Connection:
             while self._out:
                 bufs, self._out = self._out, []
                 size = sum(map(len, bufs))  # before sending trims partly sent buffers
-                if FileSlice in map(type, bufs):
-                    await self._sendv(bufs)
-                else:
+                if _PLAIN.issuperset(map(type, bufs)):
                     await self._sendmsg_all(bufs)
+                else:  # file slices (or other sendable kinds) among them
+                    await self._sendv(bufs)
                 self._out_bytes -= size
         except OSError as exc:
             log.info("conn %d: send failed (%s); dropping the connection", self.cid, exc)
