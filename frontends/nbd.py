@@ -337,6 +337,12 @@ class Connection:
         self._wbatch: list[tuple[int, memoryview]] = []
         self._whandles: list[int] = []
         self._wfua: list[int] = []
+        # remote reads started without a task (_read_remote) and their sender
+        self._remote_reads = 0
+        self._sender_lot: trio.lowlevel.ParkingLot | None = None
+        self._kicked = False
+        self._sender_exit = False
+        self._drained_remote: trio.Event | None = None
 
     def info(self) -> dict[str, object]:
         return {"id": self.cid, "peer": self.peer, "export": self.export_name,
@@ -513,6 +519,7 @@ class Connection:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self._serve(hs.leftover)
+            await self._remote_drain()
         await self._flush()
         log.info("conn %d (%s): closed after %d requests%s", self.cid, self.peer, self.requests,
                  f" ({self.refused} more refused: shutting down)" if self.refused else "")
@@ -604,7 +611,8 @@ class Connection:
                         try:
                             data = read_cached(offset, length)
                         except WouldBlock:
-                            self._spawn(self._read_async, handle, offset, length)
+                            if not self._read_remote(handle, offset, length):
+                                self._spawn(self._read_async, handle, offset, length)
                             continue
                         except Exception as exc:
                             self._fail(cmd, handle, exc)
@@ -761,12 +769,14 @@ class Connection:
                             self._read_reply(handle, offset, piece)
                             return
                     if not device.local:  # aread tries each layer inline first anyway
-                        self._spawn(self._read_async, handle, offset, length)
+                        if not self._read_remote(handle, offset, length):
+                            self._spawn(self._read_async, handle, offset, length)
                         return
                 try:
                     data = device.read(offset, length, nowait=True)
                 except WouldBlock:
-                    self._spawn(self._read_async, handle, offset, length)
+                    if device.local or not self._read_remote(handle, offset, length):
+                        self._spawn(self._read_async, handle, offset, length)
                     return
                 self._read_reply(handle, offset, data)
             elif cmd == P.CMD_FLUSH:
@@ -925,6 +935,67 @@ class Connection:
     def _spawn(self, fn: Callable[..., object], *args: object) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
+
+    def _read_remote(self, handle: int, offset: int, length: int) -> bool:
+        """Start a read of a stack with a remote layer with no task (Device.read_start).
+
+        The remote connection's reader queues the reply and wakes this
+        connection's sender (``_kick``), which sends every reply queued
+        since it last ran at once.  False: start nothing, use _read_async.
+        """
+        def done(exc: BaseException | None) -> None:
+            self._remote_reads -= 1
+            if exc is None:
+                self._read_reply(handle, offset, data)
+            else:
+                self._fail(P.CMD_READ, handle, exc)
+            self._kick()
+            if not self._remote_reads and self._drained_remote is not None:
+                self._drained_remote.set()
+
+        try:
+            started = self.device.read_start(offset, length, done)
+        except Exception as exc:
+            self._fail(P.CMD_READ, handle, exc)
+            return True
+        if started is None:
+            return False
+        data, waiting = started
+        if waiting:
+            self._remote_reads += 1
+            if self._sender_lot is None:
+                self._sender_lot = trio.lowlevel.ParkingLot()
+                self._spawn(self._sender)
+        else:
+            self._read_reply(handle, offset, data)
+        return True
+
+    def _kick(self) -> None:
+        """Have the sender send what is queued, once the current task yields."""
+        if not self._kicked:
+            self._kicked = True
+            if self._sender_lot is not None:
+                self._sender_lot.unpark()
+
+    async def _sender(self) -> None:
+        """Sends the replies of remote reads (_read_remote), a batch at a time."""
+        lot = self._sender_lot
+        assert lot is not None
+        while True:
+            if not self._kicked:
+                await lot.park()
+            self._kicked = False
+            await self._flush()
+            if self._sender_exit:
+                return
+
+    async def _remote_drain(self) -> None:
+        """Wait for the remote reads still in flight (their replies queued); stop the sender."""
+        if self._remote_reads:
+            self._drained_remote = trio.Event()
+            await self._drained_remote.wait()
+        self._sender_exit = True
+        self._kick()
 
     async def _read_async(self, handle: int, offset: int, length: int) -> None:
         try:

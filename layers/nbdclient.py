@@ -364,23 +364,27 @@ class _Conn:
 
 def _trim(bufs: list[bytes | bytearray | memoryview], sent: int) -> None:
     """Drop ``sent`` bytes from the front of ``bufs``."""
-    while sent:
-        n = len(bufs[0])
+    i = 0
+    n_bufs = len(bufs)
+    while sent and i < n_bufs:
+        n = len(bufs[i])
         if sent >= n:
             sent -= n
-            bufs.pop(0)
+            i += 1
         else:
-            bufs[0] = memoryview(bufs[0])[sent:]
+            bufs[i] = memoryview(bufs[i])[sent:]
             sent = 0
+    del bufs[:i]
 
 
 class _Call:
     """The requests of one :meth:`RemoteClient.acall` on the event loop's connection."""
 
-    __slots__ = ("event", "remaining")
+    __slots__ = ("deadline", "event", "remaining")
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, deadline: float) -> None:
         self.remaining = n
+        self.deadline = deadline  # trio time; the watchdog drops a connection past it
         self.event = trio.Event()
 
     def one_done(self) -> None:
@@ -389,15 +393,83 @@ class _Call:
             self.event.set()
 
 
-class _AsyncConn:
-    """A connection used only from the event loop (reads), with no thread.
+class _Batch:
+    """The requests of one :meth:`RemoteClient.submit`: no task waits for them.
 
-    Its replies are read by a trio system task (started on first use), which
-    moves read payloads straight into their buffers and wakes the waiting
-    callers; requests are sent by the callers, those of one scheduler batch
-    in one send.  Everything runs on the one trio loop: no locks.  Any
-    failure drops the connection, and its requests are sent again on a new
-    one; a caller that gets no reply in time drops it too.
+    When the last is answered (or lost with its connection), ``done`` is
+    called from the event loop: ``done(None)``, or ``done(exc)`` with an
+    :class:`IOFailure`.  Requests lost with their connection are sent again
+    (by a system task, the rare path) until the deadline.
+    """
+
+    __slots__ = ("client", "conn", "deadline", "done", "remaining", "reqs")
+
+    def __init__(self, client: RemoteClient, conn: _AsyncConn, reqs: list[Request],
+                 done: Callable[[BaseException | None], object], deadline: float) -> None:
+        self.client = client
+        self.conn = conn
+        self.reqs = reqs
+        self.done = done
+        self.deadline = deadline
+        self.remaining = len(reqs)
+
+    def one_done(self) -> None:
+        self.remaining -= 1
+        if self.remaining:
+            return
+        reqs = self.reqs
+        if len(reqs) == 1:  # the common case, inline
+            r = reqs[0]
+            if r.state == _DONE and not r.error:
+                _deliver(self.done, None)
+                return
+        try:
+            retry = self.client._finished(self.conn, reqs)
+        except IOFailure as exc:
+            _deliver(self.done, exc)
+            return
+        if not retry:
+            _deliver(self.done, None)
+            return
+        trio.lowlevel.spawn_system_task(self._retry, retry, name="nbd remote retry")
+
+    async def _retry(self, reqs: list[Request]) -> None:
+        left = self.deadline - trio.current_time()
+        try:
+            if left <= 0:
+                raise IOFailure(errno.EIO, f"nbd remote {self.client.target}: no reply "
+                                f"within {self.client.timeout:g} s")
+            await self.client.acall(reqs, left)
+        except IOFailure as exc:
+            _deliver(self.done, exc)
+        except Exception as exc:  # a bug: never leave the caller waiting
+            log.exception("nbd remote %s: retrying failed", self.client.target)
+            _deliver(self.done, IOFailure(errno.EIO, f"internal error: {exc}"))
+        else:
+            _deliver(self.done, None)
+
+
+def _deliver(done: Callable[[BaseException | None], object],
+             exc: BaseException | None) -> None:
+    """Call a completion callback; its failure must not take the connection down."""
+    try:
+        done(exc)
+    except Exception:
+        log.exception("nbd remote: a completion callback failed")
+
+
+class _AsyncConn:
+    """A connection used only from the event loop, with no thread.
+
+    Its replies are read by a trio system task, which moves read payloads
+    straight into their buffers and tells their owners (a waiting
+    :meth:`RemoteClient.acall`, or the callback of a
+    :meth:`RemoteClient.submit`); requests are queued by the callers and
+    sent by a second system task, everything queued since it last ran in
+    one ``sendmsg``.  Both start on first use.  Everything runs on the one
+    trio loop: no locks.  Any failure drops the connection, and its requests
+    are sent again on another; the client's watchdog drops a connection
+    whose oldest request is past its deadline.
     """
 
     def __init__(self, client: RemoteClient, sock: socket.socket, export: C.RemoteExport,
@@ -409,14 +481,15 @@ class _AsyncConn:
         self.t = C.ClientTransmission(export.structured)
         self.t.receive_data(leftover)
         self.alloc_id = export.allocation_context
-        self.inflight: dict[int, tuple[Request, _Call]] = {}
+        self.inflight: dict[int, tuple[Request, _Call | _Batch]] = {}
         self.dead = False
         self.reason = ""
         self.reader_running = False
-        self.sending = False
         self.out: list[bytes | bytearray | memoryview] = []
         self.buf = bytearray(RECV_BUFFER)
         self.big_reads = 0  # reads in flight whose payload is worth receiving directly
+        self._wlot = trio.lowlevel.ParkingLot()
+        self._wparked = False
 
     def kill(self, reason: str) -> None:
         if self.dead:
@@ -428,13 +501,16 @@ class _AsyncConn:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader, which ends
         except OSError:
             pass
+        self.out.clear()
+        if self._wparked:
+            self._wlot.unpark_all()
         lost = list(self.inflight.values())
         self.inflight.clear()
         self.t.fail_all()
         self.big_reads = 0
-        for req, call in lost:
+        for req, owner in lost:
             req.state = _LOST
-            call.one_done()
+            owner.one_done()
 
     def close(self) -> None:
         if not self.dead:
@@ -443,33 +519,49 @@ class _AsyncConn:
             except OSError:
                 pass
         self.dead = True
+        if self._wparked:
+            self._wlot.unpark_all()
         self.sock.close()
+
+    def _start(self) -> None:
+        self.reader_running = True
+        name = f"nbd {self.client.target}"
+        trio.lowlevel.spawn_system_task(self._reader, name=f"{name} reader")
+        trio.lowlevel.spawn_system_task(self._writer, name=f"{name} writer")
+        self.client._watch()
+
+    def queue(self, reqs: list[Request], owner: _Call | _Batch) -> None:
+        """Queue ``reqs`` for the writer; ``owner.one_done()`` once for each reply."""
+        if not self.reader_running:
+            self._start()
+        out = self.out
+        handles = self.client.handles
+        request = self.t.request
+        inflight = self.inflight
+        for r in reqs:
+            r.state = _PENDING
+            r.error = 0
+            if r.message:
+                r.message = ""
+            if r.descs:
+                r.descs = []
+            h = next(handles)
+            out.append(request(r.cmd, h, r.offset, r.length, r.flags))
+            if r.payload:
+                out += r.payload
+            if r.length >= BIG_READ and r.cmd == P.CMD_READ:
+                self.big_reads += 1
+            inflight[h] = (r, owner)
+        if self._wparked:
+            self._wparked = False
+            self._wlot.unpark()
 
     async def run(self, reqs: list[Request], deadline: float) -> None:
         """Send ``reqs`` and wait until each is answered or lost (trio time ``deadline``)."""
         if self.dead:
             raise _Lost
-        if not self.reader_running:
-            self.reader_running = True
-            trio.lowlevel.spawn_system_task(self._reader, name=f"nbd-reader {self.client.target}")
-        call = _Call(len(reqs))
-        bufs: list[bytes | bytearray | memoryview] = []
-        handles = self.client.handles
-        request = self.t.request
-        for r in reqs:
-            r.state = _PENDING
-            r.error = 0
-            r.message = ""
-            if r.descs:
-                r.descs = []
-            h = next(handles)
-            bufs.append(request(r.cmd, h, r.offset, r.length, r.flags))
-            if r.payload:
-                bufs += r.payload
-            if r.length >= BIG_READ and r.cmd == P.CMD_READ:
-                self.big_reads += 1
-            self.inflight[h] = (r, call)
-        await self._send(bufs, deadline)
+        call = _Call(len(reqs), deadline)
+        self.queue(reqs, call)
         if call.remaining:
             with trio.move_on_at(deadline):
                 await call.event.wait()
@@ -481,34 +573,34 @@ class _AsyncConn:
         raise IOFailure(errno.EIO, f"nbd remote {self.client.target}: no reply within "
                         f"{self.client.timeout:g} s")
 
-    async def _send(self, bufs: list[bytes | bytearray | memoryview], deadline: float) -> None:
-        self.out += bufs
-        if self.sending:  # another task is sending: it sends these too, in order
-            return
-        self.sending = True
+    async def _writer(self) -> None:
+        """Send what is queued, all of it in one ``sendmsg`` when it can."""
         sock = self.sock
+        lot = self._wlot
         try:
-            # Let the other tasks of this scheduler batch queue their requests
-            # first: one send for all of them wakes the server once.
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            bufs, self.out = self.out, []
-            while bufs:
-                try:
-                    _trim(bufs, sock.sendmsg(bufs[:1024]))
-                except BlockingIOError:
-                    with trio.move_on_at(deadline):
+            while not self.dead:
+                if not self.out:
+                    self._wparked = True
+                    await lot.park()
+                    continue
+                bufs, self.out = self.out, []
+                while bufs:
+                    try:
+                        _trim(bufs, sock.sendmsg(bufs[:1024]))
+                    except BlockingIOError:
                         await trio.lowlevel.wait_writable(sock)
-                    if trio.current_time() >= deadline:
-                        self._timed_out()
-                if not bufs and self.out:
-                    bufs, self.out = self.out, []
+                    if self.dead:
+                        return
         except (OSError, trio.ClosedResourceError) as exc:
             self.kill(f"sending failed: {exc}")
-        except BaseException:
-            self.kill("cancelled while sending")
+        except trio.Cancelled:
+            self.kill("the event loop is ending")
             raise
+        except Exception as exc:  # a bug: never crash the event loop, never hang callers
+            log.exception("nbd remote %s: writer failed", self.client.target)
+            self.kill(f"internal error: {exc}")
         finally:
-            self.sending = False
+            self._wparked = False
 
     async def _recv(self, view: memoryview) -> int:
         sock = self.sock
@@ -610,6 +702,7 @@ class RemoteClient:
         self.async_slots = 0
         self._aconn_making: trio.Event | None = None
         self._remake_after = 0.0  # no background remake before this (monotonic time)
+        self._watching = False  # the watchdog task runs
 
     # -- connecting ------------------------------------------------------------------
 
@@ -818,6 +911,63 @@ class RemoteClient:
                 continue
             todo = self._finished(conn, todo)
 
+    def submit(self, reqs: list[Request],
+               done: Callable[[BaseException | None], object]) -> bool:
+        """Send ``reqs`` from the event loop; ``done(exc)`` is called once all are answered.
+
+        No task waits: the connection's reader calls ``done`` (``None``, or
+        an :class:`IOFailure`), never before this returns.  Requests whose
+        connection is lost are sent again until the deadline, as with
+        :meth:`acall`.  False (and nothing sent) when no event-loop
+        connection is up: use :meth:`acall`, which waits for one.
+        """
+        conn = self._pick()
+        if conn is None:
+            return False
+        conn.queue(reqs, _Batch(self, conn, reqs, done, trio.current_time() + self.timeout))
+        return True
+
+    def _pick(self) -> _AsyncConn | None:
+        """The least busy live event-loop connection (lost ones are remade meanwhile)."""
+        best = None
+        alive = 0
+        for c in self.aconns:
+            if not c.dead:
+                alive += 1
+                if best is None or len(c.inflight) < len(best.inflight):
+                    best = c
+        if best is not None and alive < self.async_slots and self._aconn_making is None \
+                and time.monotonic() >= self._remake_after:
+            self._aconn_making = trio.Event()
+            trio.lowlevel.spawn_system_task(self._remake_one, self._aconn_making)
+        return best
+
+    def _watch(self) -> None:
+        """Start the watchdog (once per event loop): it enforces the deadlines."""
+        if not self._watching:
+            self._watching = True
+            trio.lowlevel.spawn_system_task(self._watchdog, name=f"nbd {self.target} watchdog")
+
+    async def _watchdog(self) -> None:
+        """Drop an event-loop connection whose oldest request is past its deadline.
+
+        Its requests are then lost: :meth:`acall` and :class:`_Batch` send
+        them again, or fail them with EIO once their own deadline has passed.
+        """
+        period = min(1.0, max(self.timeout / 4, 0.01))
+        try:
+            while not self._closed:
+                await trio.sleep(period)
+                now = trio.current_time()
+                for c in list(self.aconns):
+                    if c.dead or not c.inflight:
+                        continue
+                    oldest = next(iter(c.inflight.values()))[1]  # handles grow: in order
+                    if oldest.deadline <= now:
+                        c.kill(f"no reply within {self.timeout:g} s")
+        finally:
+            self._watching = False
+
     async def _aconn_get(self, deadline: float) -> _AsyncConn:
         """The least busy event-loop connection.
 
@@ -825,19 +975,9 @@ class RemoteClient:
         with none left, the caller waits for one (until its deadline).
         """
         while True:
-            best = None
-            alive = 0
-            for c in self.aconns:
-                if not c.dead:
-                    alive += 1
-                    if best is None or len(c.inflight) < len(best.inflight):
-                        best = c
+            best = self._pick()
             making = self._aconn_making
             if best is not None:
-                if alive < self.async_slots and making is None \
-                        and time.monotonic() >= self._remake_after:
-                    self._aconn_making = trio.Event()
-                    trio.lowlevel.spawn_system_task(self._remake_one, self._aconn_making)
                 return best
             if making is None:
                 break

@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -248,6 +248,28 @@ class NBDLayer(Layer):
         self.reads += 1
         self.read_bytes += len(view)
         return []
+
+    def read_submit(self, pieces: list[tuple[int, memoryview]],
+                    done: Callable[[BaseException | None], object]) -> bool:
+        """Start reading ``pieces`` (offset, buffer) from the remote; no task waits.
+
+        ``done(None)`` or ``done(exc)`` is called from the event loop once
+        every piece is in its buffer (:meth:`RemoteClient.submit`).  False
+        (nothing started) when this path cannot serve it: with a cache, or
+        no event-loop connection up; the caller then uses ``aread_present``.
+        """
+        if self.bcache is not None:
+            return False
+        if len(pieces) == 1 and len(pieces[0][1]) <= self.max_block:
+            o, v = pieces[0]
+            reqs = [Request(P.CMD_READ, o, len(v), view=v)]
+        else:
+            reqs = [r for o, v in pieces for r in self._read_requests(o, v)]
+        if not self.client.submit(reqs, done):
+            return False
+        self.reads += 1
+        self.read_bytes += sum(len(v) for _, v in pieces)
+        return True
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int, State]]:
         out = self._remote_extents(offset, length)

@@ -10,7 +10,7 @@ FUSE.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
@@ -181,6 +181,46 @@ class Device:
         if a0 == offset and a1 == offset + length:
             return buf
         return view[offset - a0:offset - a0 + length]
+
+    def read_start(self, offset: int, length: int,
+                   done: Callable[[BaseException | None], object]
+                   ) -> tuple[bytearray | memoryview, bool] | None:
+        """Start a read of a stack with a remote layer, with no task waiting for it.
+
+        The layers above the remote one are read at once (from the page
+        cache; their data wins); what none of them holds is handed to the
+        first layer that would block, if it can read without a task
+        (``read_submit``: the NBD layer's event-loop connections).  Returns
+        ``(data, started)``: with ``started``, ``data`` is complete once
+        ``done(None)`` is called (or ``done(exc)`` reports the failure),
+        never before this returns; without it, ``data`` is complete now.
+        None when this way does not apply (nothing was started): use
+        :meth:`aread`.  The caller has checked the range.
+        """
+        a0 = offset & ~_MASK
+        a1 = (offset + length + _MASK) & ~_MASK
+        buf = bytearray(a1 - a0)
+        view = memoryview(buf)
+        pending = [(a0, a1 - a0)]
+        started = False
+        for layer in self._stack:
+            nxt: list[tuple[int, int]] = []
+            try:
+                for o, n in pending:
+                    nxt += layer.read_present(o, view[o - a0:o - a0 + n], True)
+            except WouldBlock:
+                submit = getattr(layer, "read_submit", None)
+                if submit is None or not submit(
+                        [(o, view[o - a0:o - a0 + n]) for o, n in pending], done):
+                    return None
+                started = True  # the layer takes every piece it is given
+                break
+            pending = nxt
+            if not pending:
+                break
+        if a0 == offset and a1 == offset + length:
+            return buf, started
+        return view[offset - a0:offset - a0 + length], started
 
     # -- writes --------------------------------------------------------------------
 
