@@ -292,6 +292,26 @@ class FileSlice:
             left -= n
 
 
+class _Spliced(FileSlice):
+    """Reply data a remote layer keeps in a pipe (Device.read_start with splice):
+    sent like a FileSlice, with splice(2) instead of sendfile."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Any) -> None:
+        super().__init__(-1, 0, len(data))
+        self.data = data
+
+    def cached(self) -> bool:
+        return True
+
+    async def send_inline(self, sock: socket.socket) -> None:
+        await self.data.send_inline(sock)
+
+    def send_to(self, sock_fd: int) -> None:
+        self.data.send_to(sock_fd)
+
+
 def _is_stale_socket(path: str) -> bool:
     import stat
 
@@ -552,6 +572,7 @@ class Connection:
         try:
             while not self._dead:
                 batchable = not self.readonly and device.local and device.writable
+                remote = not device.local
                 if self._stopping:
                     start, end = await self._refuse(buf, mv, start, end)
                     if start < 0:
@@ -608,6 +629,10 @@ class Connection:
                         # the hot path: a small plain read, served from the page cache
                         if self._wbatch:
                             self._commit_writes()
+                        if remote:  # a stack with a remote layer: read_start tries inline
+                            if not self._read_remote(handle, offset, length):
+                                self._spawn(self._read_async, handle, offset, length)
+                            continue
                         try:
                             data = read_cached(offset, length)
                         except WouldBlock:
@@ -954,13 +979,16 @@ class Connection:
                 self._drained_remote.set()
 
         try:
-            started = self.device.read_start(offset, length, done)
+            started = self.device.read_start(offset, length, done,
+                                             splice=length >= SENDFILE_MIN)
         except Exception as exc:
             self._fail(P.CMD_READ, handle, exc)
             return True
         if started is None:
             return False
         data, waiting = started
+        if not isinstance(data, (bytearray, memoryview)):
+            data = _Spliced(data)  # the data waits in a pipe: sent with splice
         if waiting:
             self._remote_reads += 1
             if self._sender_lot is None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import os
 import socket
 import struct
 import threading
@@ -54,6 +55,7 @@ PROBE_TIMEOUT = 3.0  # a server that takes one connection (qemu-nbd's default) n
 RECV_BUFFER = 64 * 1024  # replies are parsed from here; larger payloads go straight to callers
 BIG_READ = 64 * 1024  # reads at least this large ...
 HEADER_RECV = 4096  # ... make the event-loop reader receive this little at a time
+STICKY = int(os.environ.get("LBD_NBD_STICKY", "32"))  # requests in flight before another conn
 
 _NBD_TO_ERRNO = {P.EPERM: errno.EPERM, P.EIO: errno.EIO, P.ENOMEM: errno.ENOMEM,
                  P.EINVAL: errno.EINVAL, P.ENOSPC: errno.ENOSPC, P.EOVERFLOW: errno.EOVERFLOW,
@@ -144,13 +146,14 @@ class Request:
     """One NBD request: for READ, ``view`` receives the data; for WRITE, ``payload``."""
 
     __slots__ = ("cmd", "descs", "error", "event", "flags", "length", "lock", "message",
-                 "offset", "payload", "state", "view", "wake")
+                 "offset", "payload", "pipe", "state", "view", "wake")
 
     def __init__(self, cmd: int, offset: int, length: int, flags: int = 0,
                  view: memoryview | None = None,
                  payload: Sequence[bytes | bytearray | memoryview] = ()) -> None:
         self.cmd, self.offset, self.length, self.flags = cmd, offset, length, flags
         self.view = view
+        self.pipe: PipeData | None = None  # a READ whose data goes into a pipe (no view)
         self.payload = payload
         self.descs: list[tuple[int, int]] = []  # block status (base:allocation) replies
         self.error = 0
@@ -190,6 +193,169 @@ class Request:
 
 def _nothing() -> None:
     pass
+
+
+# -- read data kept in a pipe ----------------------------------------------------------------
+
+SPLICE_MIN = 64 * 1024  # reads at least this large may be spliced (no copy through Python)
+SPLICE_MAX = 512 * 1024  # ... and at most this large
+MAX_PIPES = int(os.environ.get("LBD_NBD_PIPES", "128"))  # pipes made at most (2 fds each)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = 1031
+
+
+class _PipePool:
+    """Empty pipes for :class:`PipeData`, kept for reuse; at most MAX_PIPES exist."""
+
+    def __init__(self) -> None:
+        self.free: dict[int, list[tuple[int, int]]] = {}  # by capacity
+        self.made = 0
+        self.broken = not hasattr(os, "splice")
+
+    def get(self, length: int) -> tuple[int, int, int] | None:
+        """``(read_fd, write_fd, capacity)`` of an empty pipe holding ``length`` bytes."""
+        # twice the payload: a pipe holds a number of pieces, not of bytes
+        cap = max(65536, 1 << (2 * length - 1).bit_length())
+        free = self.free.get(cap)
+        if free:
+            r, w = free.pop()
+            return r, w, cap
+        if self.broken or self.made >= MAX_PIPES:
+            return None
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            import fcntl
+
+            fcntl.fcntl(w, _F_SETPIPE_SZ, cap)
+        except OSError as exc:  # over the user's pipe memory: copy instead
+            os.close(r)
+            os.close(w)
+            log.debug("nbd remote: a %d-byte pipe was refused (%s); copying reads", cap, exc)
+            return None
+        self.made += 1
+        return r, w, cap
+
+    def put(self, r: int, w: int, cap: int) -> None:
+        self.free.setdefault(cap, []).append((r, w))
+
+    def discard(self, r: int, w: int) -> None:
+        self.made -= 1
+        os.close(r)
+        os.close(w)
+
+
+PIPES = _PipePool()
+
+
+class PipeData:
+    """The data of one READ, held in a pipe: spliced from the remote's socket into
+    it, and from it into the client's socket, so the bytes never pass through
+    Python.  If the data could not go into the pipe (it came in several
+    chunks, or the pipe filled up), it is in ``buffer`` instead.
+
+    A frontend sends it with :meth:`send_inline`; once sent (or dropped), the
+    pipe goes back to the pool.
+    """
+
+    __slots__ = ("buffer", "cap", "filled", "length", "r", "w")
+
+    def __init__(self, length: int, r: int, w: int, cap: int) -> None:
+        self.length = length
+        self.r, self.w, self.cap = r, w, cap
+        self.filled = 0  # bytes in the pipe
+        self.buffer: memoryview | None = None
+
+    @classmethod
+    def make(cls, length: int) -> PipeData | None:
+        if not SPLICE_MIN <= length <= SPLICE_MAX:
+            return None
+        got = PIPES.get(length)
+        return None if got is None else cls(length, *got)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def to_buffer(self) -> memoryview:
+        """Switch to a buffer holding what the pipe holds so far; the pipe goes."""
+        if self.buffer is None:
+            buf = memoryview(bytearray(self.length))
+            pos = 0
+            while pos < self.filled:
+                n = os.readv(self.r, [buf[pos:self.filled]])
+                if n <= 0:
+                    break
+                pos += n
+            self.buffer = buf
+            self._release(empty=False)
+        return self.buffer
+
+    def _release(self, empty: bool) -> None:
+        if self.r < 0:
+            return
+        r, w = self.r, self.w
+        self.r = self.w = -1
+        if empty:
+            PIPES.put(r, w, self.cap)
+        else:
+            PIPES.discard(r, w)
+
+    def __del__(self) -> None:
+        if self.r >= 0:
+            self._release(empty=False)
+
+    async def send_inline(self, sock: socket.socket) -> None:
+        """Send all of the data to ``sock`` (non-blocking; waits in the event loop)."""
+        fd = sock.fileno()
+        if self.buffer is not None:
+            view = self.buffer
+            while view:
+                try:
+                    view = view[sock.send(view):]
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+            return
+        left = self.length
+        assert self.filled == left
+        try:
+            while left:
+                try:
+                    n = os.splice(self.r, fd, left, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+                    continue
+                if n == 0:
+                    raise OSError(errno.EIO, "splice: the pipe ran dry")
+                left -= n
+        finally:
+            self.filled = left
+            self._release(empty=not left)
+
+    def send_to(self, sock_fd: int) -> None:
+        """Send all of the data to ``sock_fd`` from a worker thread."""
+        import select
+
+        if self.buffer is not None:
+            view = self.buffer
+            while view:
+                try:
+                    view = view[os.write(sock_fd, view):]
+                except BlockingIOError:
+                    select.select([], [sock_fd], [])
+            return
+        left = self.length
+        try:
+            while left:
+                try:
+                    n = os.splice(self.r, sock_fd, left, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    select.select([], [sock_fd], [])
+                    continue
+                if n == 0:
+                    raise OSError(errno.EIO, "splice: the pipe ran dry")
+                left -= n
+        finally:
+            self.filled = left
+            self._release(empty=not left)
 
 
 class _Lost(Exception):
@@ -360,6 +526,12 @@ class _Conn:
                 req.state = _LOST
                 req.wake()
             self.client._lost(self, self.reason or reason)
+
+
+def _readable(sock: socket.socket) -> bool:
+    import select
+
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _trim(bufs: list[bytes | bytearray | memoryview], sent: int) -> None:
@@ -539,6 +711,9 @@ class _AsyncConn:
         request = self.t.request
         inflight = self.inflight
         for r in reqs:
+            if r.pipe is not None and (r.pipe.filled or r.state != _PENDING):
+                r.view = r.pipe.to_buffer()  # sent again: into a buffer this time
+                r.pipe = None
             r.state = _PENDING
             r.error = 0
             if r.message:
@@ -617,14 +792,77 @@ class _AsyncConn:
                 raise ConnectionResetError(errno.ECONNRESET, "the server closed the connection")
             return n
 
+    async def _splice_in(self, req: Request, length: int) -> memoryview | None:
+        """Move a READ's payload into its pipe; None when all of it is there.
+
+        Returns the buffer to receive the rest into when the pipe cannot take
+        it (the remote sent it in more pieces than the pipe has room for).
+        """
+        pipe = req.pipe
+        assert pipe is not None and pipe.r >= 0
+        t = self.t
+        w = pipe.w
+        if t.buffered:  # the start of the payload came with the header
+            head = bytearray(min(t.buffered, length))
+            t.take(head)
+            try:
+                pipe.filled = os.write(w, head)
+            except BlockingIOError:
+                pipe.filled = 0
+            if pipe.filled < len(head):  # never short for a fresh pipe; but if it is
+                dest = pipe.to_buffer()
+                dest[pipe.filled:len(head)] = memoryview(head)[pipe.filled:]
+                req.view = dest
+                return dest[len(head):]
+        sock = self.sock
+        fd = sock.fileno()
+        while pipe.filled < length:
+            try:
+                n = os.splice(fd, w, length - pipe.filled, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                if _readable(sock):  # the socket has data: the pipe is full
+                    req.view = dest = pipe.to_buffer()
+                    return dest[pipe.filled:]
+                await trio.lowlevel.wait_readable(sock)
+                if self.dead:
+                    raise ConnectionAbortedError(errno.ECONNABORTED,
+                                                 "connection dropped") from None
+                continue
+            if n == 0:
+                raise ConnectionResetError(errno.ECONNRESET, "the server closed the connection")
+            t.skip_payload(n)
+            pipe.filled += n
+        return None
+
     async def _reader(self) -> None:
         """Receive and hand out every reply until the connection ends."""
         t = self.t
         inflight = self.inflight
         mv = memoryview(self.buf)
         ReplyData, ReplyDone = C.ReplyData, C.ReplyDone
+        read_reply = t.read_reply
         try:
             while not self.dead:
+                fast = read_reply()
+                if fast is not None:  # all of a READ's data: no events
+                    handle, length = fast
+                    req, owner = inflight[handle]
+                    dest = req.view
+                    if dest is None:
+                        dest = await self._splice_in(req, length)
+                    if dest is not None:
+                        pos = t.take(dest)
+                        end = len(dest)
+                        while pos < end:
+                            n = await self._recv(dest[pos:])
+                            t.skip_payload(n)
+                            pos += n
+                    del inflight[handle]
+                    req.state = _DONE
+                    if length >= BIG_READ:
+                        self.big_reads -= 1
+                    owner.one_done()
+                    continue
                 ev = t.next_event()
                 if ev is None:
                     # While large reads are out, take little at a time: their
@@ -635,6 +873,8 @@ class _AsyncConn:
                 typ = type(ev)
                 if typ is ReplyData:
                     req = inflight[ev.handle][0]
+                    if req.view is None and req.pipe is not None:
+                        req.view = req.pipe.to_buffer()  # chunks: into the buffer
                     assert req.view is not None
                     start = ev.offset - req.offset
                     dest = req.view[start:start + ev.length]
@@ -652,6 +892,8 @@ class _AsyncConn:
                     owner.one_done()
                 elif isinstance(ev, C.ReplyHole):
                     req = inflight[ev.handle][0]
+                    if req.view is None and req.pipe is not None:
+                        req.view = req.pipe.to_buffer()
                     assert req.view is not None
                     start = ev.offset - req.offset
                     req.view[start:start + ev.length] = bytes(ev.length)
@@ -703,6 +945,7 @@ class RemoteClient:
         self._aconn_making: trio.Event | None = None
         self._remake_after = 0.0  # no background remake before this (monotonic time)
         self._watching = False  # the watchdog task runs
+        self._last: _AsyncConn | None = None  # the connection _pick chose last
 
     # -- connecting ------------------------------------------------------------------
 
@@ -928,7 +1171,15 @@ class RemoteClient:
         return True
 
     def _pick(self) -> _AsyncConn | None:
-        """The least busy live event-loop connection (lost ones are remade meanwhile)."""
+        """A live event-loop connection (lost ones are remade meanwhile).
+
+        The last one used while it has fewer than ``STICKY`` requests in
+        flight, so the requests of one burst go out (and their replies come
+        back) together; else the least busy.
+        """
+        last = self._last
+        if last is not None and not last.dead and len(last.inflight) < STICKY:
+            return last
         best = None
         alive = 0
         for c in self.aconns:
@@ -940,6 +1191,7 @@ class RemoteClient:
                 and time.monotonic() >= self._remake_after:
             self._aconn_making = trio.Event()
             trio.lowlevel.spawn_system_task(self._remake_one, self._aconn_making)
+        self._last = best
         return best
 
     def _watch(self) -> None:

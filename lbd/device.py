@@ -183,8 +183,8 @@ class Device:
         return view[offset - a0:offset - a0 + length]
 
     def read_start(self, offset: int, length: int,
-                   done: Callable[[BaseException | None], object]
-                   ) -> tuple[bytearray | memoryview, bool] | None:
+                   done: Callable[[BaseException | None], object], splice: bool = False
+                   ) -> tuple[Any, bool] | None:
         """Start a read of a stack with a remote layer, with no task waiting for it.
 
         The layers above the remote one are read at once (from the page
@@ -196,6 +196,10 @@ class Device:
         never before this returns; without it, ``data`` is complete now.
         None when this way does not apply (nothing was started): use
         :meth:`aread`.  The caller has checked the range.
+
+        With ``splice``, an aligned read wholly on the remote may come back
+        as the layer's own object (``read_splice``: the data in a pipe) with
+        ``len()`` and ``send_inline(sock)``, for a frontend that can send it.
         """
         a0 = offset & ~_MASK
         a1 = (offset + length + _MASK) & ~_MASK
@@ -209,6 +213,11 @@ class Device:
                 for o, n in pending:
                     nxt += layer.read_present(o, view[o - a0:o - a0 + n], True)
             except WouldBlock:
+                if (splice and len(pending) == 1 and pending[0][1] == length
+                        and a0 == offset and hasattr(layer, "read_splice")):
+                    data = layer.read_splice(offset, length, done)
+                    if data is not None:
+                        return data, True
                 submit = getattr(layer, "read_submit", None)
                 if submit is None or not submit(
                         [(o, view[o - a0:o - a0 + n]) for o, n in pending], done):
