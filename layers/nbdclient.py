@@ -200,6 +200,7 @@ def _nothing() -> None:
 SPLICE_MIN = 64 * 1024  # reads at least this large may be spliced (no copy through Python)
 SPLICE_MAX = 512 * 1024  # ... and at most this large
 MAX_PIPES = int(os.environ.get("LBD_NBD_PIPES", "128"))  # pipes made at most (2 fds each)
+PIPE_BYTES = int(os.environ.get("LBD_NBD_PIPE_BYTES", "0"))  # tests: force this pipe size
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = 1031
 
@@ -215,7 +216,7 @@ class _PipePool:
     def get(self, length: int) -> tuple[int, int, int] | None:
         """``(read_fd, write_fd, capacity)`` of an empty pipe holding ``length`` bytes."""
         # twice the payload: a pipe holds a number of pieces, not of bytes
-        cap = max(65536, 1 << (2 * length - 1).bit_length())
+        cap = PIPE_BYTES or max(65536, 1 << (2 * length - 1).bit_length())
         free = self.free.get(cap)
         if free:
             r, w = free.pop()
