@@ -1,8 +1,10 @@
 """A blocking, thread-safe NBD client with reconnection, for the NBD layer.
 
 The wire protocol is :mod:`lbd.nbdclient_proto` (sans I/O); this module adds
-the sockets and threads.  Callers are worker threads of the frontends: many
-at once, each blocking in :meth:`RemoteClient.call` until its replies are in.
+the sockets and threads.  Callers are worker threads of the frontends
+(:meth:`RemoteClient.call`, blocking until the replies are in) and the event
+loop (:meth:`RemoteClient.acall`, awaited; :meth:`RemoteClient.submit`, with
+a callback: no task waits), each on connections of its own.
 
 - One connection at a time (``_Conn``), with a reader thread that matches
   replies to requests by handle and wakes their callers; read payloads go

@@ -7,9 +7,12 @@ or ``nbd+unix:///EXPORT?socket=PATH``.
 
 The layer is not local (``local = False``): ``read_present(nowait=True)``
 raises :class:`~lbd.errors.WouldBlock` unless the cache holds the whole
-range, and the frontends call everything else in worker threads, where this
-layer blocks on the network (:mod:`lbd.layers.nbdclient`).  Requests larger
-than the remote's maximum block size are split and sent all at once.
+range.  Reads from the event loop start with :meth:`NBDLayer.read_submit`
+(or :meth:`NBDLayer.read_splice`, the data in a pipe) and end in a callback,
+with no task; ``-N`` writes await :meth:`NBDLayer.awrite`; the frontends
+call everything else in worker threads, where this layer blocks on the
+network (:mod:`lbd.layers.nbdclient`).  Requests larger than the remote's
+maximum block size are split and sent all at once.
 
 Caches (:mod:`lbd.layers.blockcache`): ``-n`` with ``--nbd-cache SIZE`` keeps
 remote reads in memory; ``-X`` always has a cache (``--nbd-cache``, default
@@ -260,15 +263,18 @@ class NBDLayer(Layer):
         """
         if self.bcache is not None:
             return False
-        if len(pieces) == 1 and len(pieces[0][1]) <= self.max_block:
+        if len(pieces) == 1:
             o, v = pieces[0]
-            reqs = [Request(P.CMD_READ, o, len(v), view=v)]
+            n = len(v)
+            reqs = ([Request(P.CMD_READ, o, n, view=v)] if n <= self.max_block
+                    else self._read_requests(o, v))
         else:
+            n = sum(len(v) for _, v in pieces)
             reqs = [r for o, v in pieces for r in self._read_requests(o, v)]
         if not self.client.submit(reqs, done):
             return False
         self.reads += 1
-        self.read_bytes += sum(len(v) for _, v in pieces)
+        self.read_bytes += n
         return True
 
     def read_splice(self, offset: int, length: int,

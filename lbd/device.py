@@ -208,22 +208,22 @@ class Device:
         pending = [(a0, a1 - a0)]
         started = False
         for layer in self._stack:
+            submit = getattr(layer, "read_submit", None)
+            if submit is not None:  # a remote layer: asked first, it holds every piece
+                if (splice and len(pending) == 1 and pending[0][1] == length
+                        and a0 == offset):
+                    data = layer.read_splice(offset, length, done)  # type: ignore[attr-defined]
+                    if data is not None:
+                        return data, True
+                if submit([(o, view[o - a0:o - a0 + n]) for o, n in pending], done):
+                    started = True
+                    break
             nxt: list[tuple[int, int]] = []
             try:
                 for o, n in pending:
                     nxt += layer.read_present(o, view[o - a0:o - a0 + n], True)
             except WouldBlock:
-                if (splice and len(pending) == 1 and pending[0][1] == length
-                        and a0 == offset and hasattr(layer, "read_splice")):
-                    data = layer.read_splice(offset, length, done)
-                    if data is not None:
-                        return data, True
-                submit = getattr(layer, "read_submit", None)
-                if submit is None or not submit(
-                        [(o, view[o - a0:o - a0 + n]) for o, n in pending], done):
-                    return None
-                started = True  # the layer takes every piece it is given
-                break
+                return None
             pending = nxt
             if not pending:
                 break
