@@ -50,6 +50,7 @@ SENDFILE_MIN = 64 * 1024  # reads this large go out with sendfile when they can
 LONE_CLIENT_WAIT = 0.0002  # seconds one connection alone may wait for its next request
 LONE_CLIENT_SPIN = float(os.environ.get("LBD_LONE_SPIN_US", "50")) * 1e-6
 IOV_MAX = 1024
+REMOTE_SNDBUF = int(os.environ.get("LBD_REMOTE_SNDBUF", str(4 << 20)))  # clients of remote reads
 _ids = itertools.count(1)
 
 _ERRNO_TO_NBD = {errno.EPERM: P.EPERM, errno.EROFS: P.EPERM, errno.EIO: P.EIO,
@@ -999,6 +1000,11 @@ class Connection:
             if self._sender_lot is None:
                 self._sender_lot = trio.lowlevel.ParkingLot()
                 self._spawn(self._sender)
+                if REMOTE_SNDBUF:
+                    try:  # whole large replies fit: fewer waits for the client
+                        self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, REMOTE_SNDBUF)
+                    except OSError:
+                        pass
         else:
             self._read_reply(handle, offset, data)
         return True
