@@ -358,8 +358,9 @@ class Connection:
         self._wbatch: list[tuple[int, memoryview]] = []
         self._whandles: list[int] = []
         self._wfua: list[int] = []
-        # remote reads started without a task (_read_remote) and their sender
-        self._remote_reads = 0
+        # remote reads and writes started without a task (_read_remote,
+        # _write_remote) and the sender of their replies
+        self._remote_inflight = 0
         self._sender_lot: trio.lowlevel.ParkingLot | None = None
         self._kicked = False
         self._sender_exit = False
@@ -965,7 +966,50 @@ class Connection:
 
     def _spawn(self, fn: Callable[..., object], *args: object) -> None:
         assert self._nursery is not None
+        if fn == self._dispatch_async and args[0] == P.CMD_WRITE \
+                and self._write_remote(*args[1:]):  # type: ignore[arg-type]
+            return  # a plain write to a remote top layer: started, no task
         self._nursery.start_soon(fn, *args)
+
+    def _write_remote(self, flags: int, handle: int, offset: int, length: int,
+                      payload: bytes | None) -> bool:
+        """Start a write to a remote top layer (``-N``) with no task (Device.write_start).
+
+        Its reply is queued by the remote connection's reader, like a remote
+        read's.  False: start nothing (FUA, unaligned, not such a stack).
+        """
+        if flags & P.CMDF_FUA or self.readonly or payload is None:
+            return False
+
+        def done(exc: BaseException | None) -> None:
+            self._remote_inflight -= 1
+            if exc is None:
+                self._ok(handle)
+            else:
+                self._fail(P.CMD_WRITE, handle, exc)
+            self._kick()
+            if not self._remote_inflight and self._drained_remote is not None:
+                self._drained_remote.set()
+
+        try:
+            if not self.device.write_start(offset, payload, done):
+                return False
+        except Exception as exc:
+            self._fail(P.CMD_WRITE, handle, exc)
+            return True
+        self._remote_inflight += 1
+        self._start_sender()
+        return True
+
+    def _start_sender(self) -> None:
+        if self._sender_lot is None:
+            self._sender_lot = trio.lowlevel.ParkingLot()
+            self._spawn(self._sender)
+            if REMOTE_SNDBUF:
+                try:  # whole large replies fit: fewer waits for the client
+                    self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, REMOTE_SNDBUF)
+                except OSError:
+                    pass
 
     def _read_remote(self, handle: int, offset: int, length: int) -> bool:
         """Start a read of a stack with a remote layer with no task (Device.read_start).
@@ -975,13 +1019,13 @@ class Connection:
         since it last ran at once.  False: start nothing, use _read_async.
         """
         def done(exc: BaseException | None) -> None:
-            self._remote_reads -= 1
+            self._remote_inflight -= 1
             if exc is None:
                 self._read_reply(handle, offset, data)
             else:
                 self._fail(P.CMD_READ, handle, exc)
             self._kick()
-            if not self._remote_reads and self._drained_remote is not None:
+            if not self._remote_inflight and self._drained_remote is not None:
                 self._drained_remote.set()
 
         try:
@@ -996,15 +1040,8 @@ class Connection:
         if not isinstance(data, (bytearray, memoryview)):
             data = _Spliced(data)  # the data waits in a pipe: sent with splice
         if waiting:
-            self._remote_reads += 1
-            if self._sender_lot is None:
-                self._sender_lot = trio.lowlevel.ParkingLot()
-                self._spawn(self._sender)
-                if REMOTE_SNDBUF:
-                    try:  # whole large replies fit: fewer waits for the client
-                        self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, REMOTE_SNDBUF)
-                    except OSError:
-                        pass
+            self._remote_inflight += 1
+            self._start_sender()
         else:
             self._read_reply(handle, offset, data)
         return True
@@ -1029,8 +1066,8 @@ class Connection:
                 return
 
     async def _remote_drain(self) -> None:
-        """Wait for the remote reads still in flight (their replies queued); stop the sender."""
-        if self._remote_reads:
+        """Wait for the remote requests still in flight (replies queued); stop the sender."""
+        if self._remote_inflight:
             self._drained_remote = trio.Event()
             await self._drained_remote.wait()
         self._sender_exit = True

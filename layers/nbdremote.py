@@ -365,6 +365,30 @@ class NBDLayer(Layer):
         self.writes += 1
         self.written_bytes += nbytes
 
+    def write_submit(self, offset: int, data: Buffer,
+                     done: Callable[[BaseException | None], object]) -> bool:
+        """Start a ``-N`` write on the event loop's connections; no task waits.
+
+        ``done(None)`` or ``done(exc)`` once the remote has answered (as
+        :meth:`read_submit`).  False (nothing started) with ``-X`` or no
+        event-loop connection up: use :meth:`awrite`.
+        """
+        if self.writeback or not self.writable or not self.client.aconns:
+            return False
+        nbytes = len(data)
+        _flags, reqs = self._write_requests(offset, [data], nbytes, False)
+
+        def finished(exc: BaseException | None) -> object:
+            if self.bcache is not None:
+                self.bcache.drop(offset, nbytes)  # after: a fill racing the write goes stale
+            if exc is None:
+                self.writes += 1
+                self.written_bytes += nbytes
+            return done(exc)
+
+        self._dirty = True
+        return self.client.submit(reqs, finished)
+
     def zero(self, offset: int, length: int, *, trim: bool, no_hole: bool, fast: bool,
              fua: bool) -> None:
         # A trimmed range reads as zeros in LBD: send WRITE_ZEROES (which may punch)

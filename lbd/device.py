@@ -284,6 +284,23 @@ class Device:
         elif length:
             await trio.to_thread.run_sync(self.write, offset, data)
 
+    def write_start(self, offset: int, data: Buffer,
+                    done: Callable[[BaseException | None], object]) -> bool:
+        """Start an aligned write to a remote top layer with no task waiting for it.
+
+        The top layer's ``write_submit`` (the NBD layer, ``-N``) sends it and
+        calls ``done(None)`` or ``done(exc)`` from the event loop once the
+        remote has answered, never before this returns.  False (nothing
+        started) when this way does not apply: use :meth:`awrite`.  The
+        caller has checked the range.
+        """
+        n = len(data)
+        top = self._stack[0]
+        submit = getattr(top, "write_submit", None)
+        if submit is None or not n or (offset | n) & _MASK or not top.writable:
+            return False
+        return bool(submit(offset, data, done))
+
     def write_batch(self, items: list[tuple[int, Buffer]], *, checked: bool = False) -> None:
         """Sector-aligned writes ``(offset, data)``, applied in order, merged where the top can.
 
