@@ -357,7 +357,10 @@ class NBDLayer(Layer):
             return
         self._dirty = True
         flags, reqs = self._write_requests(offset, buffers, nbytes, fua)
-        await self.client.acall(reqs)
+        try:
+            await self.client.acall(reqs)
+        finally:
+            self._dirty = True  # a FLUSH that ran meanwhile may not cover this write
         if self.bcache is not None:
             self.bcache.drop(offset, nbytes)  # after: a fill racing the write goes stale
         if fua and not flags:
@@ -381,6 +384,9 @@ class NBDLayer(Layer):
         def finished(exc: BaseException | None) -> object:
             if self.bcache is not None:
                 self.bcache.drop(offset, nbytes)  # after: a fill racing the write goes stale
+            # dirty again once answered: a FLUSH that started while this write
+            # was in flight (and cleared the flag) may not cover it
+            self._dirty = True
             if exc is None:
                 self.writes += 1
                 self.written_bytes += nbytes

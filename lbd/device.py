@@ -189,8 +189,9 @@ class Device:
 
         The layers above the remote one are read at once (from the page
         cache; their data wins); what none of them holds is handed to the
-        first layer that would block, if it can read without a task
-        (``read_submit``: the NBD layer's event-loop connections).  Returns
+        first layer that can read without a task (``read_submit``: the NBD
+        layer's event-loop connections; if it declines, a layer whose cache
+        holds it all answers at once).  Returns
         ``(data, started)``: with ``started``, ``data`` is complete once
         ``done(None)`` is called (or ``done(exc)`` reports the failure),
         never before this returns; without it, ``data`` is complete now.
