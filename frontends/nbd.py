@@ -998,7 +998,8 @@ class Connection:
             self._fail(P.CMD_WRITE, handle, exc)
             return True
         self._remote_inflight += 1
-        self._start_sender()
+        if self._sender_lot is None:
+            self._start_sender()
         return True
 
     def _start_sender(self) -> None:
@@ -1041,7 +1042,8 @@ class Connection:
             data = _Spliced(data)  # the data waits in a pipe: sent with splice
         if waiting:
             self._remote_inflight += 1
-            self._start_sender()
+            if self._sender_lot is None:
+                self._start_sender()
         else:
             self._read_reply(handle, offset, data)
         return True
