@@ -304,7 +304,10 @@ class PipeData:
 
     def __del__(self) -> None:
         if self.r >= 0:
-            self._release(empty=False)
+            try:
+                self._release(empty=False)
+            except Exception:  # at interpreter exit
+                pass
 
     async def send_inline(self, sock: socket.socket) -> None:
         """Send all of the data to ``sock`` (non-blocking; waits in the event loop)."""
@@ -606,7 +609,11 @@ class _Batch:
         if not retry:
             _deliver(self.done, None)
             return
-        trio.lowlevel.spawn_system_task(self._retry, retry, name="nbd remote retry")
+        try:
+            trio.lowlevel.spawn_system_task(self._retry, retry, name="nbd remote retry")
+        except RuntimeError:  # the event loop is ending: nobody to send them again
+            _deliver(self.done, IOFailure(errno.EIO, f"nbd remote {self.client.target}: "
+                                          "the connection was lost at shutdown"))
 
     async def _retry(self, reqs: list[Request]) -> None:
         left = self.deadline - trio.current_time()
