@@ -54,6 +54,7 @@ IOV_MAX = 1024
 # the simple reply "OK" for a handle (a C-level partial: the write path maps it)
 _OK_REPLY = functools.partial(P.SIMPLE_REPLY.pack, P.SIMPLE_REPLY_MAGIC, 0)
 _PLAIN = frozenset((bytes, bytearray, memoryview))  # what sendmsg takes as it is
+REMOTE_SNDBUF = int(os.environ.get("LBD_REMOTE_SNDBUF", str(4 << 20)))  # clients of remote reads
 _ids = itertools.count(1)
 
 _ERRNO_TO_NBD = {errno.EPERM: P.EPERM, errno.EROFS: P.EPERM, errno.EIO: P.EIO,
@@ -296,6 +297,26 @@ class FileSlice:
             left -= n
 
 
+class _Spliced(FileSlice):
+    """Reply data a remote layer keeps in a pipe (Device.read_start with splice):
+    sent like a FileSlice, with splice(2) instead of sendfile."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Any) -> None:
+        super().__init__(-1, 0, len(data))
+        self.data = data
+
+    def cached(self) -> bool:
+        return True
+
+    async def send_inline(self, sock: socket.socket) -> None:
+        await self.data.send_inline(sock)
+
+    def send_to(self, sock_fd: int) -> None:
+        self.data.send_to(sock_fd)
+
+
 def _is_stale_socket(path: str) -> bool:
     import stat
 
@@ -341,6 +362,13 @@ class Connection:
         self._wbatch: list[tuple[int, memoryview]] = []
         self._whandles: list[int] = []
         self._wfua: list[int] = []
+        # remote reads and writes started without a task (_read_remote,
+        # _write_remote) and the sender of their replies
+        self._remote_inflight = 0
+        self._sender_lot: trio.lowlevel.ParkingLot | None = None
+        self._kicked = False
+        self._sender_exit = False
+        self._drained_remote: trio.Event | None = None
 
     def info(self) -> dict[str, object]:
         return {"id": self.cid, "peer": self.peer, "export": self.export_name,
@@ -524,6 +552,7 @@ class Connection:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self._serve(hs.leftover)
+            await self._remote_drain()
         await self._flush()
         log.info("conn %d (%s): closed after %d requests%s", self.cid, self.peer, self.requests,
                  f" ({self.refused} more refused: shutting down)" if self.refused else "")
@@ -561,6 +590,7 @@ class Connection:
         try:
             while not self._dead:
                 batchable = not self.readonly and device.local and device.writable
+                remote = not device.local
                 if self._stopping:
                     start, end = await self._refuse(buf, mv, start, end)
                     if start < 0:
@@ -619,10 +649,15 @@ class Connection:
                         # the hot path: a small plain read, served from the page cache
                         if self._wbatch:
                             self._commit_writes()
+                        if remote:  # a stack with a remote layer: read_start tries inline
+                            if not self._read_remote(handle, offset, length):
+                                self._spawn(self._read_async, handle, offset, length)
+                            continue
                         try:
                             data = read_cached(offset, length)
                         except WouldBlock:
-                            self._spawn(self._read_async, handle, offset, length)
+                            if not self._read_remote(handle, offset, length):
+                                self._spawn(self._read_async, handle, offset, length)
                             continue
                         except Exception as exc:
                             self._fail(cmd, handle, exc)
@@ -785,12 +820,14 @@ class Connection:
                             self._read_reply(handle, offset, piece)
                             return
                     if not device.local:  # aread tries each layer inline first anyway
-                        self._spawn(self._read_async, handle, offset, length)
+                        if not self._read_remote(handle, offset, length):
+                            self._spawn(self._read_async, handle, offset, length)
                         return
                 try:
                     data = device.read(offset, length, nowait=True)
                 except WouldBlock:
-                    self._spawn(self._read_async, handle, offset, length)
+                    if device.local or not self._read_remote(handle, offset, length):
+                        self._spawn(self._read_async, handle, offset, length)
                     return
                 self._read_reply(handle, offset, data)
             elif cmd == P.CMD_FLUSH:
@@ -902,7 +939,12 @@ class Connection:
                 raise IOFailure(errno.EPERM, "read-only export")
             if cmd == P.CMD_WRITE:
                 assert payload is not None
-                await device.awrite(offset, payload)
+                if device.top.local and not (offset | length) & 511:
+                    # a local top (a change file over the remote): as on a local
+                    # stack, an aligned write is written inline, no thread hop
+                    device.write(offset, payload)
+                else:
+                    await device.awrite(offset, payload)
             elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
                 trim = cmd == P.CMD_TRIM
                 await trio.to_thread.run_sync(
@@ -947,7 +989,114 @@ class Connection:
 
     def _spawn(self, fn: Callable[..., object], *args: object) -> None:
         assert self._nursery is not None
+        if fn == self._dispatch_async and args[0] == P.CMD_WRITE \
+                and self._write_remote(*args[1:]):  # type: ignore[arg-type]
+            return  # a plain write to a remote top layer: started, no task
         self._nursery.start_soon(fn, *args)
+
+    def _write_remote(self, flags: int, handle: int, offset: int, length: int,
+                      payload: bytes | None) -> bool:
+        """Start a write to a remote top layer (``-N``) with no task (Device.write_start).
+
+        Its reply is queued by the remote connection's reader, like a remote
+        read's.  False: start nothing (FUA, unaligned, not such a stack).
+        """
+        if flags & P.CMDF_FUA or self.readonly or payload is None:
+            return False
+
+        def done(exc: BaseException | None) -> None:
+            self._remote_inflight -= 1
+            if exc is None:
+                self._ok(handle)
+            else:
+                self._fail(P.CMD_WRITE, handle, exc)
+            self._kick()
+            if not self._remote_inflight and self._drained_remote is not None:
+                self._drained_remote.set()
+
+        try:
+            if not self.device.write_start(offset, payload, done):
+                return False
+        except Exception as exc:
+            self._fail(P.CMD_WRITE, handle, exc)
+            return True
+        self._remote_inflight += 1
+        if self._sender_lot is None:
+            self._start_sender()
+        return True
+
+    def _start_sender(self) -> None:
+        if self._sender_lot is None:
+            self._sender_lot = trio.lowlevel.ParkingLot()
+            self._spawn(self._sender)
+            if REMOTE_SNDBUF:
+                try:  # whole large replies fit: fewer waits for the client
+                    self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, REMOTE_SNDBUF)
+                except OSError:
+                    pass
+
+    def _read_remote(self, handle: int, offset: int, length: int) -> bool:
+        """Start a read of a stack with a remote layer with no task (Device.read_start).
+
+        The remote connection's reader queues the reply and wakes this
+        connection's sender (``_kick``), which sends every reply queued
+        since it last ran at once.  False: start nothing, use _read_async.
+        """
+        def done(exc: BaseException | None) -> None:
+            self._remote_inflight -= 1
+            if exc is None:
+                self._read_reply(handle, offset, data)
+            else:
+                self._fail(P.CMD_READ, handle, exc)
+            self._kick()
+            if not self._remote_inflight and self._drained_remote is not None:
+                self._drained_remote.set()
+
+        try:
+            started = self.device.read_start(offset, length, done,
+                                             splice=length >= SENDFILE_MIN)
+        except Exception as exc:
+            self._fail(P.CMD_READ, handle, exc)
+            return True
+        if started is None:
+            return False
+        data, waiting = started
+        if not isinstance(data, (bytearray, memoryview)):
+            data = _Spliced(data)  # the data waits in a pipe: sent with splice
+        if waiting:
+            self._remote_inflight += 1
+            if self._sender_lot is None:
+                self._start_sender()
+        else:
+            self._read_reply(handle, offset, data)
+        return True
+
+    def _kick(self) -> None:
+        """Have the sender send what is queued, once the current task yields."""
+        if not self._kicked:
+            self._kicked = True
+            if self._sender_lot is not None:
+                self._sender_lot.unpark()
+
+    async def _sender(self) -> None:
+        """Sends the replies of remote reads (_read_remote), a batch at a time."""
+        lot = self._sender_lot
+        assert lot is not None
+        while True:
+            if not self._kicked:
+                await lot.park()
+            self._kicked = False
+            await self._flush()
+            if self._sender_exit:
+                return
+
+    async def _remote_drain(self) -> None:
+        """Wait for the remote requests still in flight (replies queued); stop the sender."""
+        if self._remote_inflight:
+            self._drained_remote = trio.Event()
+            await self._drained_remote.wait()
+        self._sender_exit = True
+        self._kick()
 
     async def _read_async(self, handle: int, offset: int, length: int) -> None:
         try:

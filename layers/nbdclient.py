@@ -1,8 +1,10 @@
 """A blocking, thread-safe NBD client with reconnection, for the NBD layer.
 
 The wire protocol is :mod:`lbd.nbdclient_proto` (sans I/O); this module adds
-the sockets and threads.  Callers are worker threads of the frontends: many
-at once, each blocking in :meth:`RemoteClient.call` until its replies are in.
+the sockets and threads.  Callers are worker threads of the frontends
+(:meth:`RemoteClient.call`, blocking until the replies are in) and the event
+loop (:meth:`RemoteClient.acall`, awaited; :meth:`RemoteClient.submit`, with
+a callback: no task waits), each on connections of its own.
 
 - One connection at a time (``_Conn``), with a reader thread that matches
   replies to requests by handle and wakes their callers; read payloads go
@@ -30,6 +32,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import os
 import socket
 import struct
 import threading
@@ -54,6 +57,7 @@ PROBE_TIMEOUT = 3.0  # a server that takes one connection (qemu-nbd's default) n
 RECV_BUFFER = 64 * 1024  # replies are parsed from here; larger payloads go straight to callers
 BIG_READ = 64 * 1024  # reads at least this large ...
 HEADER_RECV = 4096  # ... make the event-loop reader receive this little at a time
+STICKY = int(os.environ.get("LBD_NBD_STICKY", "32"))  # requests in flight before another conn
 
 _NBD_TO_ERRNO = {P.EPERM: errno.EPERM, P.EIO: errno.EIO, P.ENOMEM: errno.ENOMEM,
                  P.EINVAL: errno.EINVAL, P.ENOSPC: errno.ENOSPC, P.EOVERFLOW: errno.EOVERFLOW,
@@ -144,13 +148,14 @@ class Request:
     """One NBD request: for READ, ``view`` receives the data; for WRITE, ``payload``."""
 
     __slots__ = ("cmd", "descs", "error", "event", "flags", "length", "lock", "message",
-                 "offset", "payload", "state", "view", "wake")
+                 "offset", "payload", "pipe", "state", "view", "wake")
 
     def __init__(self, cmd: int, offset: int, length: int, flags: int = 0,
                  view: memoryview | None = None,
                  payload: Sequence[bytes | bytearray | memoryview] = ()) -> None:
         self.cmd, self.offset, self.length, self.flags = cmd, offset, length, flags
         self.view = view
+        self.pipe: PipeData | None = None  # a READ whose data goes into a pipe (no view)
         self.payload = payload
         self.descs: list[tuple[int, int]] = []  # block status (base:allocation) replies
         self.error = 0
@@ -190,6 +195,173 @@ class Request:
 
 def _nothing() -> None:
     pass
+
+
+# -- read data kept in a pipe ----------------------------------------------------------------
+
+SPLICE_MIN = 64 * 1024  # reads at least this large may be spliced (no copy through Python)
+SPLICE_MAX = 512 * 1024  # ... and at most this large
+MAX_PIPES = int(os.environ.get("LBD_NBD_PIPES", "128"))  # pipes made at most (2 fds each)
+PIPE_BYTES = int(os.environ.get("LBD_NBD_PIPE_BYTES", "0"))  # tests: force this pipe size
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = 1031
+
+
+class _PipePool:
+    """Empty pipes for :class:`PipeData`, kept for reuse; at most MAX_PIPES exist."""
+
+    def __init__(self) -> None:
+        self.free: dict[int, list[tuple[int, int]]] = {}  # by capacity
+        self.made = 0
+        self.broken = not hasattr(os, "splice")
+
+    def get(self, length: int) -> tuple[int, int, int] | None:
+        """``(read_fd, write_fd, capacity)`` of an empty pipe holding ``length`` bytes."""
+        # twice the payload: a pipe holds a number of pieces, not of bytes
+        cap = PIPE_BYTES or max(65536, 1 << (2 * length - 1).bit_length())
+        free = self.free.get(cap)
+        if free:
+            r, w = free.pop()
+            return r, w, cap
+        if self.broken or self.made >= MAX_PIPES:
+            return None
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            import fcntl
+
+            fcntl.fcntl(w, _F_SETPIPE_SZ, cap)
+        except OSError as exc:  # over the user's pipe memory: copy instead
+            os.close(r)
+            os.close(w)
+            log.debug("nbd remote: a %d-byte pipe was refused (%s); copying reads", cap, exc)
+            return None
+        self.made += 1
+        return r, w, cap
+
+    def put(self, r: int, w: int, cap: int) -> None:
+        self.free.setdefault(cap, []).append((r, w))
+
+    def discard(self, r: int, w: int) -> None:
+        self.made -= 1
+        os.close(r)
+        os.close(w)
+
+
+PIPES = _PipePool()
+
+
+class PipeData:
+    """The data of one READ, held in a pipe: spliced from the remote's socket into
+    it, and from it into the client's socket, so the bytes never pass through
+    Python.  If the data could not go into the pipe (it came in several
+    chunks, or the pipe filled up), it is in ``buffer`` instead.
+
+    A frontend sends it with :meth:`send_inline`; once sent (or dropped), the
+    pipe goes back to the pool.
+    """
+
+    __slots__ = ("buffer", "cap", "filled", "length", "r", "w")
+
+    def __init__(self, length: int, r: int, w: int, cap: int) -> None:
+        self.length = length
+        self.r, self.w, self.cap = r, w, cap
+        self.filled = 0  # bytes in the pipe
+        self.buffer: memoryview | None = None
+
+    @classmethod
+    def make(cls, length: int) -> PipeData | None:
+        if not SPLICE_MIN <= length <= SPLICE_MAX:
+            return None
+        got = PIPES.get(length)
+        return None if got is None else cls(length, *got)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def to_buffer(self) -> memoryview:
+        """Switch to a buffer holding what the pipe holds so far; the pipe goes."""
+        if self.buffer is None:
+            buf = memoryview(bytearray(self.length))
+            pos = 0
+            while pos < self.filled:
+                n = os.readv(self.r, [buf[pos:self.filled]])
+                if n <= 0:
+                    break
+                pos += n
+            self.buffer = buf
+            self._release(empty=False)
+        return self.buffer
+
+    def _release(self, empty: bool) -> None:
+        if self.r < 0:
+            return
+        r, w = self.r, self.w
+        self.r = self.w = -1
+        if empty:
+            PIPES.put(r, w, self.cap)
+        else:
+            PIPES.discard(r, w)
+
+    def __del__(self) -> None:
+        if self.r >= 0:
+            try:
+                self._release(empty=False)
+            except Exception:  # at interpreter exit
+                pass
+
+    async def send_inline(self, sock: socket.socket) -> None:
+        """Send all of the data to ``sock`` (non-blocking; waits in the event loop)."""
+        fd = sock.fileno()
+        if self.buffer is not None:
+            view = self.buffer
+            while view:
+                try:
+                    view = view[sock.send(view):]
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+            return
+        left = self.length
+        assert self.filled == left
+        try:
+            while left:
+                try:
+                    n = os.splice(self.r, fd, left, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+                    continue
+                if n == 0:
+                    raise OSError(errno.EIO, "splice: the pipe ran dry")
+                left -= n
+        finally:
+            self.filled = left
+            self._release(empty=not left)
+
+    def send_to(self, sock_fd: int) -> None:
+        """Send all of the data to ``sock_fd`` from a worker thread."""
+        import select
+
+        if self.buffer is not None:
+            view = self.buffer
+            while view:
+                try:
+                    view = view[os.write(sock_fd, view):]
+                except BlockingIOError:
+                    select.select([], [sock_fd], [])
+            return
+        left = self.length
+        try:
+            while left:
+                try:
+                    n = os.splice(self.r, sock_fd, left, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    select.select([], [sock_fd], [])
+                    continue
+                if n == 0:
+                    raise OSError(errno.EIO, "splice: the pipe ran dry")
+                left -= n
+        finally:
+            self.filled = left
+            self._release(empty=not left)
 
 
 class _Lost(Exception):
@@ -362,25 +534,35 @@ class _Conn:
             self.client._lost(self, self.reason or reason)
 
 
+def _readable(sock: socket.socket) -> bool:
+    import select
+
+    return bool(select.select([sock], [], [], 0)[0])
+
+
 def _trim(bufs: list[bytes | bytearray | memoryview], sent: int) -> None:
     """Drop ``sent`` bytes from the front of ``bufs``."""
-    while sent:
-        n = len(bufs[0])
+    i = 0
+    n_bufs = len(bufs)
+    while sent and i < n_bufs:
+        n = len(bufs[i])
         if sent >= n:
             sent -= n
-            bufs.pop(0)
+            i += 1
         else:
-            bufs[0] = memoryview(bufs[0])[sent:]
+            bufs[i] = memoryview(bufs[i])[sent:]
             sent = 0
+    del bufs[:i]
 
 
 class _Call:
     """The requests of one :meth:`RemoteClient.acall` on the event loop's connection."""
 
-    __slots__ = ("event", "remaining")
+    __slots__ = ("deadline", "event", "remaining")
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, deadline: float) -> None:
         self.remaining = n
+        self.deadline = deadline  # trio time; the watchdog drops a connection past it
         self.event = trio.Event()
 
     def one_done(self) -> None:
@@ -389,15 +571,87 @@ class _Call:
             self.event.set()
 
 
-class _AsyncConn:
-    """A connection used only from the event loop (reads), with no thread.
+class _Batch:
+    """The requests of one :meth:`RemoteClient.submit`: no task waits for them.
 
-    Its replies are read by a trio system task (started on first use), which
-    moves read payloads straight into their buffers and wakes the waiting
-    callers; requests are sent by the callers, those of one scheduler batch
-    in one send.  Everything runs on the one trio loop: no locks.  Any
-    failure drops the connection, and its requests are sent again on a new
-    one; a caller that gets no reply in time drops it too.
+    When the last is answered (or lost with its connection), ``done`` is
+    called from the event loop: ``done(None)``, or ``done(exc)`` with an
+    :class:`IOFailure`.  Requests lost with their connection are sent again
+    (by a system task, the rare path) until the deadline.
+    """
+
+    __slots__ = ("client", "conn", "deadline", "done", "remaining", "reqs")
+
+    def __init__(self, client: RemoteClient, conn: _AsyncConn, reqs: list[Request],
+                 done: Callable[[BaseException | None], object], deadline: float) -> None:
+        self.client = client
+        self.conn = conn
+        self.reqs = reqs
+        self.done = done
+        self.deadline = deadline
+        self.remaining = len(reqs)
+
+    def one_done(self) -> None:
+        self.remaining -= 1
+        if self.remaining:
+            return
+        reqs = self.reqs
+        if len(reqs) == 1:  # the common case, inline
+            r = reqs[0]
+            if r.state == _DONE and not r.error:
+                _deliver(self.done, None)
+                return
+        try:
+            retry = self.client._finished(self.conn, reqs)
+        except IOFailure as exc:
+            _deliver(self.done, exc)
+            return
+        if not retry:
+            _deliver(self.done, None)
+            return
+        try:
+            trio.lowlevel.spawn_system_task(self._retry, retry, name="nbd remote retry")
+        except RuntimeError:  # the event loop is ending: nobody to send them again
+            _deliver(self.done, IOFailure(errno.EIO, f"nbd remote {self.client.target}: "
+                                          "the connection was lost at shutdown"))
+
+    async def _retry(self, reqs: list[Request]) -> None:
+        left = self.deadline - trio.current_time()
+        try:
+            if left <= 0:
+                raise IOFailure(errno.EIO, f"nbd remote {self.client.target}: no reply "
+                                f"within {self.client.timeout:g} s")
+            await self.client.acall(reqs, left)
+        except IOFailure as exc:
+            _deliver(self.done, exc)
+        except Exception as exc:  # a bug: never leave the caller waiting
+            log.exception("nbd remote %s: retrying failed", self.client.target)
+            _deliver(self.done, IOFailure(errno.EIO, f"internal error: {exc}"))
+        else:
+            _deliver(self.done, None)
+
+
+def _deliver(done: Callable[[BaseException | None], object],
+             exc: BaseException | None) -> None:
+    """Call a completion callback; its failure must not take the connection down."""
+    try:
+        done(exc)
+    except Exception:
+        log.exception("nbd remote: a completion callback failed")
+
+
+class _AsyncConn:
+    """A connection used only from the event loop, with no thread.
+
+    Its replies are read by a trio system task, which moves read payloads
+    straight into their buffers and tells their owners (a waiting
+    :meth:`RemoteClient.acall`, or the callback of a
+    :meth:`RemoteClient.submit`); requests are queued by the callers and
+    sent by a second system task, everything queued since it last ran in
+    one ``sendmsg``.  Both start on first use.  Everything runs on the one
+    trio loop: no locks.  Any failure drops the connection, and its requests
+    are sent again on another; the client's watchdog drops a connection
+    whose oldest request is past its deadline.
     """
 
     def __init__(self, client: RemoteClient, sock: socket.socket, export: C.RemoteExport,
@@ -409,14 +663,15 @@ class _AsyncConn:
         self.t = C.ClientTransmission(export.structured)
         self.t.receive_data(leftover)
         self.alloc_id = export.allocation_context
-        self.inflight: dict[int, tuple[Request, _Call]] = {}
+        self.inflight: dict[int, tuple[Request, _Call | _Batch]] = {}
         self.dead = False
         self.reason = ""
         self.reader_running = False
-        self.sending = False
         self.out: list[bytes | bytearray | memoryview] = []
         self.buf = bytearray(RECV_BUFFER)
         self.big_reads = 0  # reads in flight whose payload is worth receiving directly
+        self._wlot = trio.lowlevel.ParkingLot()
+        self._wparked = False
 
     def kill(self, reason: str) -> None:
         if self.dead:
@@ -428,13 +683,16 @@ class _AsyncConn:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader, which ends
         except OSError:
             pass
+        self.out.clear()
+        if self._wparked:
+            self._wlot.unpark_all()
         lost = list(self.inflight.values())
         self.inflight.clear()
         self.t.fail_all()
         self.big_reads = 0
-        for req, call in lost:
+        for req, owner in lost:
             req.state = _LOST
-            call.one_done()
+            owner.one_done()
 
     def close(self) -> None:
         if not self.dead:
@@ -443,33 +701,52 @@ class _AsyncConn:
             except OSError:
                 pass
         self.dead = True
+        if self._wparked:
+            self._wlot.unpark_all()
         self.sock.close()
+
+    def _start(self) -> None:
+        self.reader_running = True
+        name = f"nbd {self.client.target}"
+        trio.lowlevel.spawn_system_task(self._reader, name=f"{name} reader")
+        trio.lowlevel.spawn_system_task(self._writer, name=f"{name} writer")
+        self.client._watch()
+
+    def queue(self, reqs: list[Request], owner: _Call | _Batch) -> None:
+        """Queue ``reqs`` for the writer; ``owner.one_done()`` once for each reply."""
+        if not self.reader_running:
+            self._start()
+        out = self.out
+        handles = self.client.handles
+        request = self.t.request
+        inflight = self.inflight
+        for r in reqs:
+            if r.pipe is not None and (r.pipe.filled or r.state != _PENDING):
+                r.view = r.pipe.to_buffer()  # sent again: into a buffer this time
+                r.pipe = None
+            r.state = _PENDING
+            r.error = 0
+            if r.message:
+                r.message = ""
+            if r.descs:
+                r.descs = []
+            h = next(handles)
+            out.append(request(r.cmd, h, r.offset, r.length, r.flags))
+            if r.payload:
+                out += r.payload
+            if r.length >= BIG_READ and r.cmd == P.CMD_READ:
+                self.big_reads += 1
+            inflight[h] = (r, owner)
+        if self._wparked:
+            self._wparked = False
+            self._wlot.unpark()
 
     async def run(self, reqs: list[Request], deadline: float) -> None:
         """Send ``reqs`` and wait until each is answered or lost (trio time ``deadline``)."""
         if self.dead:
             raise _Lost
-        if not self.reader_running:
-            self.reader_running = True
-            trio.lowlevel.spawn_system_task(self._reader, name=f"nbd-reader {self.client.target}")
-        call = _Call(len(reqs))
-        bufs: list[bytes | bytearray | memoryview] = []
-        handles = self.client.handles
-        request = self.t.request
-        for r in reqs:
-            r.state = _PENDING
-            r.error = 0
-            r.message = ""
-            if r.descs:
-                r.descs = []
-            h = next(handles)
-            bufs.append(request(r.cmd, h, r.offset, r.length, r.flags))
-            if r.payload:
-                bufs += r.payload
-            if r.length >= BIG_READ and r.cmd == P.CMD_READ:
-                self.big_reads += 1
-            self.inflight[h] = (r, call)
-        await self._send(bufs, deadline)
+        call = _Call(len(reqs), deadline)
+        self.queue(reqs, call)
         if call.remaining:
             with trio.move_on_at(deadline):
                 await call.event.wait()
@@ -481,34 +758,34 @@ class _AsyncConn:
         raise IOFailure(errno.EIO, f"nbd remote {self.client.target}: no reply within "
                         f"{self.client.timeout:g} s")
 
-    async def _send(self, bufs: list[bytes | bytearray | memoryview], deadline: float) -> None:
-        self.out += bufs
-        if self.sending:  # another task is sending: it sends these too, in order
-            return
-        self.sending = True
+    async def _writer(self) -> None:
+        """Send what is queued, all of it in one ``sendmsg`` when it can."""
         sock = self.sock
+        lot = self._wlot
         try:
-            # Let the other tasks of this scheduler batch queue their requests
-            # first: one send for all of them wakes the server once.
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            bufs, self.out = self.out, []
-            while bufs:
-                try:
-                    _trim(bufs, sock.sendmsg(bufs[:1024]))
-                except BlockingIOError:
-                    with trio.move_on_at(deadline):
+            while not self.dead:
+                if not self.out:
+                    self._wparked = True
+                    await lot.park()
+                    continue
+                bufs, self.out = self.out, []
+                while bufs:
+                    try:
+                        _trim(bufs, sock.sendmsg(bufs[:1024]))
+                    except BlockingIOError:
                         await trio.lowlevel.wait_writable(sock)
-                    if trio.current_time() >= deadline:
-                        self._timed_out()
-                if not bufs and self.out:
-                    bufs, self.out = self.out, []
+                    if self.dead:
+                        return
         except (OSError, trio.ClosedResourceError) as exc:
             self.kill(f"sending failed: {exc}")
-        except BaseException:
-            self.kill("cancelled while sending")
+        except trio.Cancelled:
+            self.kill("the event loop is ending")
             raise
+        except Exception as exc:  # a bug: never crash the event loop, never hang callers
+            log.exception("nbd remote %s: writer failed", self.client.target)
+            self.kill(f"internal error: {exc}")
         finally:
-            self.sending = False
+            self._wparked = False
 
     async def _recv(self, view: memoryview) -> int:
         sock = self.sock
@@ -525,14 +802,77 @@ class _AsyncConn:
                 raise ConnectionResetError(errno.ECONNRESET, "the server closed the connection")
             return n
 
+    async def _splice_in(self, req: Request, length: int) -> memoryview | None:
+        """Move a READ's payload into its pipe; None when all of it is there.
+
+        Returns the buffer to receive the rest into when the pipe cannot take
+        it (the remote sent it in more pieces than the pipe has room for).
+        """
+        pipe = req.pipe
+        assert pipe is not None and pipe.r >= 0
+        t = self.t
+        w = pipe.w
+        if t.buffered:  # the start of the payload came with the header
+            head = bytearray(min(t.buffered, length))
+            t.take(head)
+            try:
+                pipe.filled = os.write(w, head)
+            except BlockingIOError:
+                pipe.filled = 0
+            if pipe.filled < len(head):  # never short for a fresh pipe; but if it is
+                dest = pipe.to_buffer()
+                dest[pipe.filled:len(head)] = memoryview(head)[pipe.filled:]
+                req.view = dest
+                return dest[len(head):]
+        sock = self.sock
+        fd = sock.fileno()
+        while pipe.filled < length:
+            try:
+                n = os.splice(fd, w, length - pipe.filled, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                if _readable(sock):  # the socket has data: the pipe is full
+                    req.view = dest = pipe.to_buffer()
+                    return dest[pipe.filled:]
+                await trio.lowlevel.wait_readable(sock)
+                if self.dead:
+                    raise ConnectionAbortedError(errno.ECONNABORTED,
+                                                 "connection dropped") from None
+                continue
+            if n == 0:
+                raise ConnectionResetError(errno.ECONNRESET, "the server closed the connection")
+            t.skip_payload(n)
+            pipe.filled += n
+        return None
+
     async def _reader(self) -> None:
         """Receive and hand out every reply until the connection ends."""
         t = self.t
         inflight = self.inflight
         mv = memoryview(self.buf)
         ReplyData, ReplyDone = C.ReplyData, C.ReplyDone
+        read_reply = t.read_reply
         try:
             while not self.dead:
+                fast = read_reply()
+                if fast is not None:  # all of a READ's data: no events
+                    handle, length = fast
+                    req, owner = inflight[handle]
+                    dest = req.view
+                    if dest is None:
+                        dest = await self._splice_in(req, length)
+                    if dest is not None:
+                        pos = t.take(dest)
+                        end = len(dest)
+                        while pos < end:
+                            n = await self._recv(dest[pos:])
+                            t.skip_payload(n)
+                            pos += n
+                    del inflight[handle]
+                    req.state = _DONE
+                    if length >= BIG_READ:
+                        self.big_reads -= 1
+                    owner.one_done()
+                    continue
                 ev = t.next_event()
                 if ev is None:
                     # While large reads are out, take little at a time: their
@@ -543,6 +883,8 @@ class _AsyncConn:
                 typ = type(ev)
                 if typ is ReplyData:
                     req = inflight[ev.handle][0]
+                    if req.view is None and req.pipe is not None:
+                        req.view = req.pipe.to_buffer()  # chunks: into the buffer
                     assert req.view is not None
                     start = ev.offset - req.offset
                     dest = req.view[start:start + ev.length]
@@ -560,6 +902,8 @@ class _AsyncConn:
                     owner.one_done()
                 elif isinstance(ev, C.ReplyHole):
                     req = inflight[ev.handle][0]
+                    if req.view is None and req.pipe is not None:
+                        req.view = req.pipe.to_buffer()
                     assert req.view is not None
                     start = ev.offset - req.offset
                     req.view[start:start + ev.length] = bytes(ev.length)
@@ -610,6 +954,8 @@ class RemoteClient:
         self.async_slots = 0
         self._aconn_making: trio.Event | None = None
         self._remake_after = 0.0  # no background remake before this (monotonic time)
+        self._watching = False  # the watchdog task runs
+        self._last: _AsyncConn | None = None  # the connection _pick chose last
 
     # -- connecting ------------------------------------------------------------------
 
@@ -818,6 +1164,72 @@ class RemoteClient:
                 continue
             todo = self._finished(conn, todo)
 
+    def submit(self, reqs: list[Request],
+               done: Callable[[BaseException | None], object]) -> bool:
+        """Send ``reqs`` from the event loop; ``done(exc)`` is called once all are answered.
+
+        No task waits: the connection's reader calls ``done`` (``None``, or
+        an :class:`IOFailure`), never before this returns.  Requests whose
+        connection is lost are sent again until the deadline, as with
+        :meth:`acall`.  False (and nothing sent) when no event-loop
+        connection is up: use :meth:`acall`, which waits for one.
+        """
+        conn = self._pick()
+        if conn is None:
+            return False
+        conn.queue(reqs, _Batch(self, conn, reqs, done, trio.current_time() + self.timeout))
+        return True
+
+    def _pick(self) -> _AsyncConn | None:
+        """A live event-loop connection (lost ones are remade meanwhile).
+
+        The last one used while it has fewer than ``STICKY`` requests in
+        flight, so the requests of one burst go out (and their replies come
+        back) together; else the least busy.
+        """
+        last = self._last
+        if last is not None and not last.dead and len(last.inflight) < STICKY:
+            return last
+        best = None
+        alive = 0
+        for c in self.aconns:
+            if not c.dead:
+                alive += 1
+                if best is None or len(c.inflight) < len(best.inflight):
+                    best = c
+        if best is not None and alive < self.async_slots and self._aconn_making is None \
+                and time.monotonic() >= self._remake_after:
+            self._aconn_making = trio.Event()
+            trio.lowlevel.spawn_system_task(self._remake_one, self._aconn_making)
+        self._last = best
+        return best
+
+    def _watch(self) -> None:
+        """Start the watchdog (once per event loop): it enforces the deadlines."""
+        if not self._watching:
+            self._watching = True
+            trio.lowlevel.spawn_system_task(self._watchdog, name=f"nbd {self.target} watchdog")
+
+    async def _watchdog(self) -> None:
+        """Drop an event-loop connection whose oldest request is past its deadline.
+
+        Its requests are then lost: :meth:`acall` and :class:`_Batch` send
+        them again, or fail them with EIO once their own deadline has passed.
+        """
+        period = min(1.0, max(self.timeout / 4, 0.01))
+        try:
+            while not self._closed:
+                await trio.sleep(period)
+                now = trio.current_time()
+                for c in list(self.aconns):
+                    if c.dead or not c.inflight:
+                        continue
+                    oldest = next(iter(c.inflight.values()))[1]  # handles grow: in order
+                    if oldest.deadline <= now:
+                        c.kill(f"no reply within {self.timeout:g} s")
+        finally:
+            self._watching = False
+
     async def _aconn_get(self, deadline: float) -> _AsyncConn:
         """The least busy event-loop connection.
 
@@ -825,19 +1237,9 @@ class RemoteClient:
         with none left, the caller waits for one (until its deadline).
         """
         while True:
-            best = None
-            alive = 0
-            for c in self.aconns:
-                if not c.dead:
-                    alive += 1
-                    if best is None or len(c.inflight) < len(best.inflight):
-                        best = c
+            best = self._pick()
             making = self._aconn_making
             if best is not None:
-                if alive < self.async_slots and making is None \
-                        and time.monotonic() >= self._remake_after:
-                    self._aconn_making = trio.Event()
-                    trio.lowlevel.spawn_system_task(self._remake_one, self._aconn_making)
                 return best
             if making is None:
                 break

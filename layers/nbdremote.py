@@ -7,9 +7,12 @@ or ``nbd+unix:///EXPORT?socket=PATH``.
 
 The layer is not local (``local = False``): ``read_present(nowait=True)``
 raises :class:`~lbd.errors.WouldBlock` unless the cache holds the whole
-range, and the frontends call everything else in worker threads, where this
-layer blocks on the network (:mod:`lbd.layers.nbdclient`).  Requests larger
-than the remote's maximum block size are split and sent all at once.
+range.  Reads from the event loop start with :meth:`NBDLayer.read_submit`
+(or :meth:`NBDLayer.read_splice`, the data in a pipe) and end in a callback,
+with no task; ``-N`` writes await :meth:`NBDLayer.awrite`; the frontends
+call everything else in worker threads, where this layer blocks on the
+network (:mod:`lbd.layers.nbdclient`).  Requests larger than the remote's
+maximum block size are split and sent all at once.
 
 Caches (:mod:`lbd.layers.blockcache`): ``-n`` with ``--nbd-cache SIZE`` keeps
 remote reads in memory; ``-X`` always has a cache (``--nbd-cache``, default
@@ -25,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -36,7 +39,7 @@ from lbd.layer import ID_IMAGE, Buffer, Identity, Layer, State
 
 from .blockcache import BlockCache
 from .flat import fingerprint
-from .nbdclient import RemoteClient, Request, Target, parse_target
+from .nbdclient import PipeData, RemoteClient, Request, Target, parse_target
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +252,53 @@ class NBDLayer(Layer):
         self.read_bytes += len(view)
         return []
 
+    def read_submit(self, pieces: list[tuple[int, memoryview]],
+                    done: Callable[[BaseException | None], object]) -> bool:
+        """Start reading ``pieces`` (offset, buffer) from the remote; no task waits.
+
+        ``done(None)`` or ``done(exc)`` is called from the event loop once
+        every piece is in its buffer (:meth:`RemoteClient.submit`).  False
+        (nothing started) when this path cannot serve it: with a cache, or
+        no event-loop connection up; the caller then uses ``aread_present``.
+        """
+        if self.bcache is not None:
+            return False
+        if len(pieces) == 1:
+            o, v = pieces[0]
+            n = len(v)
+            reqs = ([Request(P.CMD_READ, o, n, view=v)] if n <= self.max_block
+                    else self._read_requests(o, v))
+        else:
+            n = sum(len(v) for _, v in pieces)
+            reqs = [r for o, v in pieces for r in self._read_requests(o, v)]
+        if not self.client.submit(reqs, done):
+            return False
+        self.reads += 1
+        self.read_bytes += n
+        return True
+
+    def read_splice(self, offset: int, length: int,
+                    done: Callable[[BaseException | None], object]) -> PipeData | None:
+        """Start reading ``[offset, offset + length)`` into a pipe (:class:`PipeData`).
+
+        For a frontend that sends the data on with ``send_inline``: the bytes
+        go from the remote's socket to the client's with no copy through
+        Python.  ``done`` as with :meth:`read_submit`.  None (nothing
+        started) when this path does not apply.
+        """
+        if self.bcache is not None or length > self.max_block:
+            return None
+        data = PipeData.make(length)
+        if data is None:
+            return None
+        req = Request(P.CMD_READ, offset, length)
+        req.pipe = data
+        if not self.client.submit([req], done):
+            return None  # the pipe goes back to the pool when data is dropped
+        self.reads += 1
+        self.read_bytes += length
+        return data
+
     def extents(self, offset: int, length: int) -> list[tuple[int, int, State]]:
         out = self._remote_extents(offset, length)
         if self.bcache is not None and self.writeback:
@@ -307,13 +357,43 @@ class NBDLayer(Layer):
             return
         self._dirty = True
         flags, reqs = self._write_requests(offset, buffers, nbytes, fua)
-        await self.client.acall(reqs)
+        try:
+            await self.client.acall(reqs)
+        finally:
+            self._dirty = True  # a FLUSH that ran meanwhile may not cover this write
         if self.bcache is not None:
             self.bcache.drop(offset, nbytes)  # after: a fill racing the write goes stale
         if fua and not flags:
             await trio.to_thread.run_sync(self._remote_flush)
         self.writes += 1
         self.written_bytes += nbytes
+
+    def write_submit(self, offset: int, data: Buffer,
+                     done: Callable[[BaseException | None], object]) -> bool:
+        """Start a ``-N`` write on the event loop's connections; no task waits.
+
+        ``done(None)`` or ``done(exc)`` once the remote has answered (as
+        :meth:`read_submit`).  False (nothing started) with ``-X`` or no
+        event-loop connection up: use :meth:`awrite`.
+        """
+        if self.writeback or not self.writable or not self.client.aconns:
+            return False
+        nbytes = len(data)
+        _flags, reqs = self._write_requests(offset, [data], nbytes, False)
+
+        def finished(exc: BaseException | None) -> object:
+            if self.bcache is not None:
+                self.bcache.drop(offset, nbytes)  # after: a fill racing the write goes stale
+            # dirty again once answered: a FLUSH that started while this write
+            # was in flight (and cleared the flag) may not cover it
+            self._dirty = True
+            if exc is None:
+                self.writes += 1
+                self.written_bytes += nbytes
+            return done(exc)
+
+        self._dirty = True
+        return self.client.submit(reqs, finished)
 
     def zero(self, offset: int, length: int, *, trim: bool, no_hole: bool, fast: bool,
              fua: bool) -> None:

@@ -10,7 +10,7 @@ FUSE.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
@@ -182,6 +182,56 @@ class Device:
             return buf
         return view[offset - a0:offset - a0 + length]
 
+    def read_start(self, offset: int, length: int,
+                   done: Callable[[BaseException | None], object], splice: bool = False
+                   ) -> tuple[Any, bool] | None:
+        """Start a read of a stack with a remote layer, with no task waiting for it.
+
+        The layers above the remote one are read at once (from the page
+        cache; their data wins); what none of them holds is handed to the
+        first layer that can read without a task (``read_submit``: the NBD
+        layer's event-loop connections; if it declines, a layer whose cache
+        holds it all answers at once).  Returns
+        ``(data, started)``: with ``started``, ``data`` is complete once
+        ``done(None)`` is called (or ``done(exc)`` reports the failure),
+        never before this returns; without it, ``data`` is complete now.
+        None when this way does not apply (nothing was started): use
+        :meth:`aread`.  The caller has checked the range.
+
+        With ``splice``, an aligned read wholly on the remote may come back
+        as the layer's own object (``read_splice``: the data in a pipe) with
+        ``len()`` and ``send_inline(sock)``, for a frontend that can send it.
+        """
+        a0 = offset & ~_MASK
+        a1 = (offset + length + _MASK) & ~_MASK
+        buf = bytearray(a1 - a0)
+        view = memoryview(buf)
+        pending = [(a0, a1 - a0)]
+        started = False
+        for layer in self._stack:
+            submit = getattr(layer, "read_submit", None)
+            if submit is not None:  # a remote layer: asked first, it holds every piece
+                if (splice and len(pending) == 1 and pending[0][1] == length
+                        and a0 == offset):
+                    data = layer.read_splice(offset, length, done)  # type: ignore[attr-defined]
+                    if data is not None:
+                        return data, True
+                if submit([(o, view[o - a0:o - a0 + n]) for o, n in pending], done):
+                    started = True
+                    break
+            nxt: list[tuple[int, int]] = []
+            try:
+                for o, n in pending:
+                    nxt += layer.read_present(o, view[o - a0:o - a0 + n], True)
+            except WouldBlock:
+                return None
+            pending = nxt
+            if not pending:
+                break
+        if a0 == offset and a1 == offset + length:
+            return buf, started
+        return view[offset - a0:offset - a0 + length], started
+
     # -- writes --------------------------------------------------------------------
 
     def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
@@ -234,6 +284,23 @@ class Device:
             await self._stack[0].awrite(offset, [data], length, False)
         elif length:
             await trio.to_thread.run_sync(self.write, offset, data)
+
+    def write_start(self, offset: int, data: Buffer,
+                    done: Callable[[BaseException | None], object]) -> bool:
+        """Start an aligned write to a remote top layer with no task waiting for it.
+
+        The top layer's ``write_submit`` (the NBD layer, ``-N``) sends it and
+        calls ``done(None)`` or ``done(exc)`` from the event loop once the
+        remote has answered, never before this returns.  False (nothing
+        started) when this way does not apply: use :meth:`awrite`.  The
+        caller has checked the range.
+        """
+        n = len(data)
+        top = self._stack[0]
+        submit = getattr(top, "write_submit", None)
+        if submit is None or not n or (offset | n) & _MASK or not top.writable:
+            return False
+        return bool(submit(offset, data, done))
 
     def write_batch(self, items: list[tuple[int, Buffer]], *, checked: bool = False) -> None:
         """Sector-aligned writes ``(offset, data)``, applied in order, merged where the top can.

@@ -50,6 +50,8 @@ _STRUCT = P.STRUCTURED_HEADER  # magic, flags, type, handle, length
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _DESC = struct.Struct(">II")
+_SIMPLE_MAGIC = P.SIMPLE_REPLY_MAGIC
+_STRUCTURED_MAGIC = P.STRUCTURED_REPLY_MAGIC
 
 
 class RemoteProtocolError(LBDError):
@@ -446,6 +448,48 @@ class ClientTransmission:
         if n > self._payload_left or (n and self.buffered):
             raise LocalProtocolError("payload read around buffered bytes or past its end")
         self._payload_left -= n
+
+    def read_reply(self) -> tuple[int, int] | None:
+        """The common reply, without events: all of a READ's data in one piece.
+
+        When the next reply is a successful simple reply to a READ, or a
+        structured OFFSET_DATA chunk with the DONE flag covering all of its
+        READ, returns ``(handle, length)``: the request is finished and its
+        payload (``length`` bytes, for the READ's whole range) is to be
+        moved with :meth:`take` / :meth:`skip_payload` as after a
+        :class:`ReplyData`.  None otherwise (use :meth:`next_event`).
+        """
+        if self._payload_left or self._after_payload or self._events:
+            return None
+        buf = self._buf
+        pos = self._pos
+        have = len(buf) - pos
+        if have < _SIMPLE.size:
+            return None
+        magic = _U32.unpack_from(buf, pos)[0]
+        if magic == _STRUCTURED_MAGIC:
+            if have < _STRUCT.size + 8:
+                return None
+            _, flags, rtype, handle, length = _STRUCT.unpack_from(buf, pos)
+            if rtype != P.REPLY_TYPE_OFFSET_DATA or not flags & P.REPLY_FLAG_DONE:
+                return None
+            req = self._pending.get(handle)
+            if (req is None or req.cmd != P.CMD_READ or req.covered
+                    or length - 8 != req.length
+                    or _U64.unpack_from(buf, pos + _STRUCT.size)[0] != req.offset):
+                return None
+        elif magic == _SIMPLE_MAGIC and not self.structured:
+            _, error, handle = _SIMPLE.unpack_from(buf, pos)
+            req = self._pending.get(handle)
+            if error or req is None or req.cmd != P.CMD_READ:
+                return None
+        else:
+            return None
+        del self._pending[handle]
+        n = req.length
+        self._pos = pos + (_STRUCT.size + 8 if magic == _STRUCTURED_MAGIC else _SIMPLE.size)
+        self._payload_left = n
+        return handle, n
 
     def next_event(self) -> Event | None:
         """The next event, or None until more data arrives."""

@@ -285,3 +285,51 @@ def test_structured_reply_without_negotiation_and_handle_reuse() -> None:
     t2.request(P.CMD_WRITE, 1, 0, 512)
     t2.request(P.CMD_WRITE, 2, 512, 512)
     assert sorted(t2.fail_all()) == [1, 2] and t2.in_flight == 0
+
+
+def test_read_reply_takes_whole_read_replies_without_events() -> None:
+    """read_reply: a whole READ in one final chunk (or a simple reply); else None."""
+    t = C.ClientTransmission(structured=True)
+    t.request(P.CMD_READ, 1, 4096, 8)
+    t.request(P.CMD_READ, 2, 0, 16)
+    t.request(P.CMD_READ, 3, 512, 8)
+    t.request(P.CMD_FLUSH, 4, 0, 0)
+    t.receive_data(P.read_chunk_header(1, 4096, 8)[:20])
+    assert t.read_reply() is None  # the offset has not come yet
+    t.receive_data(P.read_chunk_header(1, 4096, 8)[20:] + b"ABCDEFGH")
+    assert t.read_reply() == (1, 8)
+    dest = bytearray(8)
+    assert t.take(dest) == 8 and dest == b"ABCDEFGH" and t.payload_left == 0
+    # a chunk covering part of its READ: the events way
+    t.receive_data(P.chunk_header(2, P.REPLY_TYPE_OFFSET_DATA, 8 + 8, done=False)
+                   + struct.pack(">Q", 8) + b"12345678")
+    assert t.read_reply() is None
+    assert t.next_event() == C.ReplyData(2, 8, 8)
+    assert t.take(bytearray(8)) == 8
+    t.receive_data(P.chunk_header(2, P.REPLY_TYPE_OFFSET_HOLE, 12, done=True)
+                   + struct.pack(">QI", 0, 8))
+    assert t.read_reply() is None
+    assert t.next_event() == C.ReplyHole(2, 0, 8)
+    assert t.next_event() == C.ReplyDone(2, 0)
+    # an error, and a reply that is not to a READ: events
+    t.receive_data(P.error_chunk(3, P.EIO, "bad") + P.none_chunk(4))
+    assert t.read_reply() is None
+    assert t.next_event() == C.ReplyError(3, P.EIO, "bad")
+    assert t.next_event() == C.ReplyDone(3, P.EIO)
+    assert t.read_reply() is None
+    assert t.next_event() == C.ReplyDone(4, 0)
+    assert t.in_flight == 0
+
+
+def test_read_reply_with_simple_replies() -> None:
+    t = C.ClientTransmission(structured=False)
+    t.request(P.CMD_READ, 7, 0, 4)
+    t.request(P.CMD_READ, 8, 0, 4)
+    t.receive_data(P.simple_reply(7) + b"wxyz" + P.simple_reply(8, P.EIO))
+    assert t.read_reply() == (7, 4)
+    assert t.read_reply() is None  # the payload is still to be taken
+    dest = bytearray(4)
+    assert t.take(dest) == 4 and dest == b"wxyz"
+    assert t.read_reply() is None  # an error reply: the events way
+    assert t.next_event() == C.ReplyDone(8, P.EIO)
+    assert t.in_flight == 0

@@ -130,6 +130,28 @@ def measure(uri: str, pid: int | None, fn: Any, *args: Any) -> tuple[Any, float 
     return value, cpu
 
 
+def measure_lbd(lbd: str, name: str, kind: str, ruri: str, work: Path, size: int,
+                args: argparse.Namespace) -> dict[str, Any]:
+    lsock = str(work / "lbd.sock")
+    change = work / "c.lbd"
+    if change.exists():
+        change.unlink()
+    cell: dict[str, Any] = {}
+    proc = subprocess.Popen([lbd, "serve", "-s", str(size), "-n", ruri, "-E",
+                             str(change), "--unix", lsock, "-a", "none", "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        luri = f"nbd+unix:///?socket={lsock}"
+        wait_ready(luri, proc, "lbd")
+        log(f"{kind}: {name}")
+        (cell["seq"], cell["seq_runs"]), cell["seq_cpu"] = measure(
+            luri, proc.pid, nbdcopy, size, args.runs)
+        cell["rand"], cell["rand_cpu"] = measure(luri, proc.pid, fio_randread, args.runtime)
+    finally:
+        stop(proc)
+    return cell
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1G")
@@ -137,12 +159,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
     ap.add_argument("--remotes", default="nbdkit-file,qemu-nbd")
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=LBD",
+                    help="measure another lbd executable too (e.g. an older build), "
+                    "in the same run; its rows are labelled NAME")
     args = ap.parse_args(argv)
     size = parse_size(args.size)
     for tool in ("nbdcopy", "nbdinfo", "fio", "nbdkit", "qemu-nbd"):
         if shutil.which(tool) is None:
             raise SystemExit(f"bench: {tool} is missing (tools/setup.sh installs it)")
-    lbd = find_lbd()
+    lbds = [("through LBD", find_lbd())]
+    for spec in args.also:
+        name, _, exe = spec.partition("=")
+        if not exe or not os.path.exists(exe):
+            raise SystemExit(f"bench: --also {spec}: not NAME=EXISTING_EXECUTABLE")
+        lbds.append((name, exe))
     work = Path(tempfile.mkdtemp(prefix="lbdb-"))
     results: dict[str, Any] = {"size": size, "remotes": {}}
     try:
@@ -169,23 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 (row["seq_direct"], row["seq_direct_runs"]), _ = measure(
                     ruri, None, nbdcopy, size, args.runs)
                 row["rand_direct"], _ = measure(ruri, None, fio_randread, args.runtime)
-                lsock = str(work / "lbd.sock")
-                change = work / "c.lbd"
-                if change.exists():
-                    change.unlink()
-                proc = subprocess.Popen([lbd, "serve", "-s", str(size), "-n", ruri, "-E",
-                                         str(change), "--unix", lsock, "-a", "none", "-q"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                try:
-                    luri = f"nbd+unix:///?socket={lsock}"
-                    wait_ready(luri, proc, "lbd")
-                    log(f"{kind}: through LBD")
-                    (row["seq_lbd"], row["seq_lbd_runs"]), row["seq_lbd_cpu"] = measure(
-                        luri, proc.pid, lambda u, *a: nbdcopy(u, *a), size, args.runs)
-                    row["rand_lbd"], row["rand_lbd_cpu"] = measure(
-                        luri, proc.pid, fio_randread, args.runtime)
-                finally:
-                    stop(proc)
+                for name, lbd in lbds:
+                    row[name] = measure_lbd(lbd, name, kind, ruri, work, size, args)
             finally:
                 stop(remote)
             results["remotes"][kind] = row
@@ -196,16 +211,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"NBD layer: reads of a {size >> 20} MiB image, directly from the remote vs "
           "through LBD (-n REMOTE -E change file)")
     print()
-    hdr = f"{'workload':<34} {'remote':<12} {'direct':>10} {'through LBD':>12} " \
-          f"{'ratio':>6} {'LBD CPU':>8}"
+    hdr = f"{'workload':<34} {'remote':<12} {'direct':>10} {'LBD':>20} " \
+          f"{'value':>10} {'ratio':>6} {'LBD CPU':>8}"
     print(hdr)
     print("-" * len(hdr))
     for kind, row in results["remotes"].items():
         for key, label, unit in (("seq", "seq read, nbdcopy to null:", "MiB/s"),
                                  ("rand", "4k random read, fio QD32", "IOPS")):
-            d, t, cpu = row[f"{key}_direct"], row[f"{key}_lbd"], row[f"{key}_lbd_cpu"]
-            print(f"{label + ' (' + unit + ')':<34} {kind:<12} {d:>10,.0f} {t:>12,.0f} "
-                  f"{t / d:>6.2f} {cpu * 100:>7.0f}%")
+            d = row[f"{key}_direct"]
+            for name, _ in lbds:
+                t, cpu = row[name][key], row[name][f"{key}_cpu"]
+                print(f"{label + ' (' + unit + ')':<34} {kind:<12} {d:>10,.0f} {name:>20} "
+                      f"{t:>10,.0f} {t / d:>6.2f} {cpu * 100:>7.0f}%")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
