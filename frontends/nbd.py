@@ -863,8 +863,10 @@ class Connection:
         fua = bool(flags & P.CMDF_FUA)
         if not self.device.local:
             # the payload lives in the receive buffer, which is reused: copy it
-            self._spawn(self._dispatch_async, P.CMD_WRITE, flags, handle, offset, length,
-                        bytes(payload))
+            data = bytes(payload)
+            if not self._write_remote(flags, handle, offset, data):  # else a task
+                self._spawn(self._dispatch_async, P.CMD_WRITE, flags, handle, offset, length,
+                            data)
             return
         if not (offset | length) & 511 and not self.readonly:
             # aligned writes of one receive are committed together (_commit_writes)
@@ -989,30 +991,23 @@ class Connection:
 
     def _spawn(self, fn: Callable[..., object], *args: object) -> None:
         assert self._nursery is not None
-        if fn == self._dispatch_async and args[0] == P.CMD_WRITE \
-                and self._write_remote(*args[1:]):  # type: ignore[arg-type]
-            return  # a plain write to a remote top layer: started, no task
         self._nursery.start_soon(fn, *args)
 
-    def _write_remote(self, flags: int, handle: int, offset: int, length: int,
-                      payload: bytes | None) -> bool:
+    def _write_remote(self, flags: int, handle: int, offset: int, payload: bytes) -> bool:
         """Start a write to a remote top layer (``-N``) with no task (Device.write_start).
 
         Its reply is queued by the remote connection's reader, like a remote
         read's.  False: start nothing (FUA, unaligned, not such a stack).
         """
-        if flags & P.CMDF_FUA or self.readonly or payload is None:
+        if flags & P.CMDF_FUA or self.readonly:
             return False
 
         def done(exc: BaseException | None) -> None:
-            self._remote_inflight -= 1
             if exc is None:
                 self._ok(handle)
             else:
                 self._fail(P.CMD_WRITE, handle, exc)
-            self._kick()
-            if not self._remote_inflight and self._drained_remote is not None:
-                self._drained_remote.set()
+            self._remote_done()
 
         try:
             if not self.device.write_start(offset, payload, done):
@@ -1043,14 +1038,11 @@ class Connection:
         since it last ran at once.  False: start nothing, use _read_async.
         """
         def done(exc: BaseException | None) -> None:
-            self._remote_inflight -= 1
             if exc is None:
                 self._read_reply(handle, offset, data)
             else:
                 self._fail(P.CMD_READ, handle, exc)
-            self._kick()
-            if not self._remote_inflight and self._drained_remote is not None:
-                self._drained_remote.set()
+            self._remote_done()
 
         try:
             started = self.device.read_start(offset, length, done,
@@ -1070,6 +1062,14 @@ class Connection:
         else:
             self._read_reply(handle, offset, data)
         return True
+
+    def _remote_done(self) -> None:
+        """A remote request's reply is queued: wake the sender; the last one
+        in flight also wakes _remote_drain."""
+        self._remote_inflight -= 1
+        self._kick()
+        if not self._remote_inflight and self._drained_remote is not None:
+            self._drained_remote.set()
 
     def _kick(self) -> None:
         """Have the sender send what is queued, once the current task yields."""
