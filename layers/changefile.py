@@ -533,7 +533,7 @@ class ChangeFile:
                 end = loc + nbytes
             if iov:
                 self._room(end)
-                self.io.pwritev(iov, self.end)
+                self.io.pwritev_pieces(iov, self.end)
                 self.end = end
             # entries: consecutive slots of the current area, then the next area
             pack = _ENTRY.pack

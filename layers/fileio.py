@@ -18,6 +18,14 @@ from lbd.errors import ConfigError, WouldBlock
 
 Buffer = bytes | bytearray | memoryview
 
+# Appended data goes to the kernel in pieces this small (small payloads
+# grouped, a large one cut), because the page cache sizes its folios by the
+# write that creates them: ext4 with large folios (Linux 6.16+) makes a later
+# 4 KiB rewrite cost time in proportion to the folio it lands in, about
+# 1.8 us in a 16 KiB folio against 4.5 us in a 128 KiB one.
+SMALL_PIECE = 16384
+LARGE_PIECE = 65536
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
@@ -126,6 +134,35 @@ class FileIO:
 
     def pwrite(self, data: Buffer, offset: int) -> None:
         self.pwritev([data], offset)
+
+    def pwritev_pieces(self, buffers: Sequence[Buffer], offset: int) -> None:
+        """:meth:`pwritev` in pieces that keep the page cache's folios small.
+
+        Buffers of up to :data:`SMALL_PIECE` bytes go out grouped, at most
+        that many bytes a call; a larger buffer goes out alone, cut every
+        :data:`LARGE_PIECE` bytes.  For data that may be rewritten in place
+        in small pieces later (the change file's payloads).
+        """
+        pwritev = self.pwritev
+        group: list[Buffer] = []
+        size = 0
+        for data in buffers:
+            n = len(data)
+            if size + n > SMALL_PIECE and group:
+                pwritev(group, offset)
+                offset += size
+                group = []
+                size = 0
+            if n <= SMALL_PIECE:
+                group.append(data)
+                size += n
+                continue
+            view = memoryview(data)
+            for i in range(0, n, LARGE_PIECE):
+                pwritev([view[i:i + LARGE_PIECE]], offset + i)
+            offset += n
+        if group:
+            pwritev(group, offset)
 
     def pwrite_each(self, items: Sequence[tuple[Buffer, int]]) -> None:
         """``pwrite(data, offset)`` for each item, in order.

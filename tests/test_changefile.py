@@ -391,3 +391,58 @@ def test_write_batches_match_a_model(tmp_path: Path, ops: list, limit: int) -> N
         extentmap.BLOCKS_MAX = saved
         if os.path.exists(p):
             os.unlink(p)
+
+
+class _Recording(FileIO):
+    """Records the size of every write that reaches pwritev."""
+
+    def __init__(self, path: str, **kw: bool) -> None:
+        super().__init__(path, **kw)
+        self.sizes: list[int] = []
+
+    def pwritev(self, buffers, offset: int) -> None:  # type: ignore[no-untyped-def]
+        self.sizes.append(sum(map(len, buffers)))
+        super().pwritev(buffers, offset)
+
+
+def test_appended_payloads_go_to_the_kernel_in_small_pieces(tmp_path: Path) -> None:
+    """pwritev_pieces: the same bytes as one pwritev, in calls that keep folios small.
+
+    The page cache sizes a folio by the write that creates it, and on ext4
+    with large folios a later 4 KiB rewrite costs time in proportion to its
+    folio; so small payloads go out at most SMALL_PIECE bytes a call and a
+    large one in LARGE_PIECE pieces.
+    """
+    from lbd.layers import fileio
+
+    io = _Recording(str(tmp_path / "f"), writable=True, create=True)
+    rng = random.Random(7)
+    bufs = [rng.randbytes(n) for n in (4096, 4096, 512, 4096, 8192, 4096, 200_000, 4096,
+                                       fileio.SMALL_PIECE, 1536, fileio.SMALL_PIECE + 512)]
+    io.pwritev_pieces(bufs, 8192)
+    assert io.pread(sum(map(len, bufs)), 8192) == b"".join(bufs)
+    assert sum(io.sizes) == sum(map(len, bufs))
+    # the calls, in order: small payloads grouped up to SMALL_PIECE, large ones cut
+    assert io.sizes == [12800, 12288, 65536, 65536, 65536, 3392, 4096, 16384, 1536,
+                        16896]
+    io.close()
+
+
+def test_a_batch_of_new_blocks_reaches_the_file_in_small_pieces(tmp_path: Path) -> None:
+    from lbd.layers import fileio
+
+    p = str(tmp_path / "c.lbd")
+    ChangeFile.create(p, 64 * MiB, Identity()).close()
+    cf = ChangeFile.open(p, writable=True, io_factory=_Recording)
+    io = cf.io
+    assert isinstance(io, _Recording)
+    io.sizes.clear()
+    batch = [(i * 4096, pattern(i)) for i in range(0, 64, 2)]  # 32 new blocks, 128 KiB
+    cf.write_blocks(batch)
+    data = [n for n in io.sizes if n >= 4096]  # the payloads (entries are smaller)
+    assert sum(data) == 32 * 4096 and max(data) <= fileio.SMALL_PIECE
+    cf.close()
+    cf = ChangeFile.open(p, writable=False)
+    for off, d in batch:
+        assert read(cf, off // SECTOR, 8) == d
+    cf.close()
