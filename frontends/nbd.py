@@ -52,6 +52,7 @@ LONE_CLIENT_WAIT = 0.0002  # seconds one connection alone may wait for its next 
 LONE_CLIENT_SPIN = float(os.environ.get("LBD_LONE_SPIN_US", "50")) * 1e-6
 IOV_MAX = 1024
 # the simple reply "OK" for a handle (a C-level partial: the write path maps it)
+_READ_CHUNK = P.READ_CHUNK.pack  # a final OFFSET_DATA chunk header
 _OK_REPLY = functools.partial(P.SIMPLE_REPLY.pack, P.SIMPLE_REPLY_MAGIC, 0)
 _PLAIN = frozenset((bytes, bytearray, memoryview))  # what sendmsg takes as it is
 REMOTE_SNDBUF = int(os.environ.get("LBD_REMOTE_SNDBUF", str(4 << 20)))  # clients of remote reads
@@ -1038,11 +1039,22 @@ class Connection:
         since it last ran at once.  False: start nothing, use _read_async.
         """
         def done(exc: BaseException | None) -> None:
-            if exc is None:
-                self._read_reply(handle, offset, data)
-            else:
+            # _read_reply and _remote_done, inline: this runs once per remote read
+            if exc is not None:
                 self._fail(P.CMD_READ, handle, exc)
-            self._remote_done()
+            elif self.structured:
+                self._out.extend((_READ_CHUNK(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                                              P.REPLY_TYPE_OFFSET_DATA, handle, length + 8,
+                                              offset), data))
+                self._out_bytes += length + 28
+            else:
+                self._out.extend((P.simple_reply(handle), data))
+                self._out_bytes += length + 16
+            self._remote_inflight -= 1
+            if not self._kicked:
+                self._kick()
+            if not self._remote_inflight and self._drained_remote is not None:
+                self._drained_remote.set()
 
         try:
             started = self.device.read_start(offset, length, done,

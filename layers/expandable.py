@@ -131,6 +131,17 @@ class ExpandableLayer(Layer):
         self.reads += 1
         return absent
 
+    def absent(self, offset: int, length: int) -> bool:
+        cf = self.cf
+        m = cf.map
+        if length == 4096 and not offset & 4095:  # as in read_fast: no lock
+            if m.block(offset >> 12) is not None:
+                return False
+            if not m._chunks:
+                return True
+        with cf.lock:
+            return m.single(offset >> 9, length >> 9) is None
+
     def read_fast(self, offset: int, length: int) -> bytearray | bool | None:
         cf = self.cf
         m = cf.map

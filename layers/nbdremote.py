@@ -277,6 +277,18 @@ class NBDLayer(Layer):
         self.read_bytes += n
         return True
 
+    def read_submit1(self, offset: int, view: memoryview,
+                     done: Callable[[BaseException | None], object]) -> bool:
+        """:meth:`read_submit` of one piece (the common case, with less work)."""
+        n = len(view)
+        if self.bcache is not None or n > self.max_block:
+            return self.read_submit([(offset, view)], done)
+        if not self.client.submit1(Request(P.CMD_READ, offset, n, view=view), done):
+            return False
+        self.reads += 1
+        self.read_bytes += n
+        return True
+
     def read_splice(self, offset: int, length: int,
                     done: Callable[[BaseException | None], object]) -> PipeData | None:
         """Start reading ``[offset, offset + length)`` into a pipe (:class:`PipeData`).

@@ -204,6 +204,22 @@ class Device:
         """
         a0 = offset & ~_MASK
         a1 = (offset + length + _MASK) & ~_MASK
+        if a0 == offset and a1 == offset + length:
+            # the common case, an aligned range none of the layers above the
+            # remote one holds: straight to the remote, nothing read twice
+            for layer in self._stack:
+                if layer.absent(offset, length):
+                    continue
+                submit1 = getattr(layer, "read_submit1", None)
+                if submit1 is not None:  # the remote layer
+                    if splice:
+                        data = layer.read_splice(offset, length, done)  # type: ignore[attr-defined]
+                        if data is not None:
+                            return data, True
+                    buf = bytearray(length)
+                    if submit1(offset, memoryview(buf), done):
+                        return buf, True
+                break
         buf = bytearray(a1 - a0)
         view = memoryview(buf)
         pending = [(a0, a1 - a0)]

@@ -113,6 +113,14 @@ class Layer(ABC):
         """
         return await trio.to_thread.run_sync(self.read_present, offset, view, False)
 
+    def absent(self, offset: int, length: int) -> bool:
+        """True if this layer surely holds nothing of the (aligned) range.
+
+        A cheap check with no I/O, for the remote read path to pass a range
+        straight down; False when unsure.
+        """
+        return False
+
     def read_fast(self, offset: int, length: int) -> bytearray | bool | None:
         """A small aligned read served at once from memory or the page cache.
 

@@ -436,10 +436,12 @@ class ClientTransmission:
 
     def take(self, dest: memoryview | bytearray) -> int:
         """Copy buffered payload bytes into ``dest``; returns how many."""
-        n = min(len(dest), self._payload_left, len(self._buf) - self._pos)
+        pos = self._pos
+        n = min(len(dest), self._payload_left, len(self._buf) - pos)
         if n:
-            dest[:n] = self._buf[self._pos:self._pos + n]
-            self._pos += n
+            with memoryview(self._buf) as buf:  # released at once: _buf may grow later
+                dest[:n] = buf[pos:pos + n]
+            self._pos = pos + n
             self._payload_left -= n
         return n
 
