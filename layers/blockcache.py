@@ -188,7 +188,7 @@ class BlockCache:
                       if b not in self._blocks]
             free = self.capacity_blocks - len(self._blocks)
             if len(needed) > free:
-                clean = sum(1 for blk in self._blocks.values() if not (blk.dirty | blk.writing))
+                clean = len(self._blocks) - self.dirty_blocks  # blocks with neither
                 if len(needed) > free + clean:
                     return False
             self._stale_fills(offset, end)

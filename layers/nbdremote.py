@@ -9,9 +9,11 @@ The layer is not local (``local = False``): ``read_present(nowait=True)``
 raises :class:`~lbd.errors.WouldBlock` unless the cache holds the whole
 range.  Reads from the event loop start with :meth:`NBDLayer.read_submit`
 (or :meth:`NBDLayer.read_splice`, the data in a pipe) and end in a callback,
-with no task; ``-N`` writes await :meth:`NBDLayer.awrite`; the frontends
-call everything else in worker threads, where this layer blocks on the
-network (:mod:`lbd.layers.nbdclient`).  Requests larger than the remote's
+with no task; so do plain ``-N`` writes (:meth:`NBDLayer.write_submit`;
+a ``-X`` one goes into the cache at once); other writes await
+:meth:`NBDLayer.awrite`; the frontends call everything else in worker
+threads, where this layer blocks on the network
+(:mod:`lbd.layers.nbdclient`).  Requests larger than the remote's
 maximum block size are split and sent all at once.
 
 Caches (:mod:`lbd.layers.blockcache`): ``-n`` with ``--nbd-cache SIZE`` keeps
@@ -258,11 +260,12 @@ class NBDLayer(Layer):
 
         ``done(None)`` or ``done(exc)`` is called from the event loop once
         every piece is in its buffer (:meth:`RemoteClient.submit`).  False
-        (nothing started) when this path cannot serve it: with a cache, or
-        no event-loop connection up; the caller then uses ``aread_present``.
+        (nothing started) when this path cannot serve it: no event-loop
+        connection up; the caller then uses ``aread_present``.  With a cache,
+        what it holds is copied at once and only the rest is asked for.
         """
         if self.bcache is not None:
-            return False
+            return self._read_submit_cached(pieces, done)
         if len(pieces) == 1:
             o, v = pieces[0]
             n = len(v)
@@ -272,6 +275,37 @@ class NBDLayer(Layer):
             n = sum(len(v) for _, v in pieces)
             reqs = [r for o, v in pieces for r in self._read_requests(o, v)]
         if not self.client.submit(reqs, done):
+            return False
+        self.reads += 1
+        self.read_bytes += n
+        return True
+
+    def _read_submit_cached(self, pieces: list[tuple[int, memoryview]],
+                            done: Callable[[BaseException | None], object]) -> bool:
+        cache = self.bcache
+        assert cache is not None
+        if not self.client.aconns:
+            return False
+        fills: list[tuple[Any, memoryview]] = []
+        reqs: list[Request] = []
+        n = 0
+        for o, v in pieces:
+            n += len(v)
+            for mo, mn in cache.lookup(o, v):  # copies what the cache holds into v
+                part = v[mo - o:mo - o + mn]
+                fills.append((cache.begin_fill(mo, mn), part))
+                reqs += self._read_requests(mo, part)
+
+        def filled(exc: BaseException | None) -> object:
+            for fill, part in fills:
+                cache.end_fill(fill, None if exc is not None else part)
+            return done(exc)
+
+        if not reqs:  # all in the cache: done, but never before this returns
+            trio.lowlevel.current_trio_token().run_sync_soon(done, None)
+        elif not self.client.submit(reqs, filled):
+            for fill, _part in fills:
+                cache.end_fill(fill, None)
             return False
         self.reads += 1
         self.read_bytes += n
@@ -385,12 +419,26 @@ class NBDLayer(Layer):
         """Start a ``-N`` write on the event loop's connections; no task waits.
 
         ``done(None)`` or ``done(exc)`` once the remote has answered (as
-        :meth:`read_submit`).  False (nothing started) with ``-X`` or no
-        event-loop connection up: use :meth:`awrite`.
+        :meth:`read_submit`).  With ``-X`` the data goes into the cache and
+        ``done(None)`` follows at once.  False (nothing started) when the
+        ``-X`` cache is full of dirty data or no event-loop connection is up:
+        use :meth:`awrite`.
         """
-        if self.writeback or not self.writable or not self.client.aconns:
+        if not self.writable:
             return False
         nbytes = len(data)
+        if self.writeback:
+            # -X: into the cache, at once, unless it is full of dirty data
+            # (then awrite writes it back in a worker thread first)
+            assert self.bcache is not None
+            if not self.bcache.write(offset, [data], nbytes):
+                return False
+            self.writes += 1
+            self.written_bytes += nbytes
+            trio.lowlevel.current_trio_token().run_sync_soon(done, None)  # after this returns
+            return True
+        if not self.client.aconns:
+            return False
         _flags, reqs = self._write_requests(offset, [data], nbytes, False)
 
         def finished(exc: BaseException | None) -> object:

@@ -303,3 +303,76 @@ def test_management_info_shows_the_remote(remotes: Remotes, lbd_server,
     restart = next(x for x in reply.lines if x.startswith("restart: "))
     assert f"-n {kit.uri}" in restart.replace("'", "")
     assert "--nbd-cache 8388608" in restart and "--nbd-timeout 7" in restart
+
+
+def test_read_cache_serves_mixed_hits_and_misses_byte_for_byte(remotes: Remotes, lbd_server,
+                                                              tmp_path: Path) -> None:
+    """-n with --nbd-cache, and -X: reads that are partly in the cache and partly
+    not (the cached read path copies hits and asks the remote for the rest), at
+    queue depth, against the image; -X also after writes it still holds."""
+    img = random_file(tmp_path / "m.img", SIZE, seed=51)
+    data = bytearray(img.read_bytes())
+    kit = remotes.nbdkit("file", str(img), readonly=True)
+    srv = lbd_server(["-s", "32M", "-n", kit.uri, "--nbd-cache", "2m"], manage=True)
+    script = """
+import random, sys
+rng = random.Random(9)
+for off in range(0, 1 << 20, 3 << 16):  # warm scattered pieces of the first MiB
+    h.pread(4096 * (1 + off % 5), off)
+bufs = []
+for i in range(400):  # mixed sizes and places, 32 in flight at a time
+    n = 512 * rng.randint(1, 512)
+    off = 512 * rng.randrange(0, ((2 << 20) - n) // 512)
+    b = nbd.Buffer(n)
+    h.aio_pread(b, off)
+    bufs.append((off, b))
+    while h.aio_in_flight() >= 32:
+        h.poll(-1)
+while h.aio_in_flight():
+    h.poll(-1)
+for off, b in bufs:
+    sys.stdout.buffer.write(off.to_bytes(8, "little") + len(b.to_bytearray()).to_bytes(4, "little"))
+    sys.stdout.buffer.write(b.to_bytearray())
+"""
+    out = run(["nbdsh", "-u", srv.uri, "-c", "import nbd", "-c", script], input=b"").stdout
+    pos = n_reads = 0
+    while pos < len(out):
+        off = int.from_bytes(out[pos:pos + 8], "little")
+        n = int.from_bytes(out[pos + 8:pos + 12], "little")
+        assert out[pos + 12:pos + 12 + n] == data[off:off + n], (off, n)
+        pos += 12 + n
+        n_reads += 1
+    assert n_reads == 400
+    reply = "\n".join(mgmt(srv, "DEVICE_INFO_STRINGS").lines)
+    hits = int(re.search(r"cache (\d+) hits", reply).group(1))
+    assert hits > 0, reply
+    assert srv.stop() == 0
+
+    # -X: written data held in the cache, read back mixed with the remote's
+    kit2 = remotes.nbdkit("file", str(img))
+    srv = lbd_server(["-s", "32M", "-X", kit2.uri, "--nbd-cache", "2m"])
+    rng = random.Random(10)
+    writes = []
+    for _ in range(64):
+        n = 4096 * rng.randint(1, 4)
+        off = 4096 * rng.randrange(0, (1 << 20) // 4096 - 4)
+        payload = rng.randbytes(n)
+        writes.append((off, payload))
+        data[off:off + n] = payload
+    recs = tmp_path / "writes.bin"
+    recs.write_bytes(b"".join(o.to_bytes(8, "little") + len(p).to_bytes(4, "little") + p
+                              for o, p in writes))
+    nbdsh(srv.uri, f"""
+raw = open({str(recs)!r}, "rb").read()
+pos = 0
+while pos < len(raw):
+    off = int.from_bytes(raw[pos:pos + 8], "little")
+    n = int.from_bytes(raw[pos + 8:pos + 12], "little")
+    h.pwrite(raw[pos + 12:pos + 12 + n], off)
+    pos += 12 + n
+""")
+    got = run(["nbdsh", "-u", srv.uri, "-c",
+               "import sys; sys.stdout.buffer.write(h.pread(2 << 20, 0))"], input=b"").stdout
+    assert got == data[:2 * MiB]
+    assert srv.stop() == 0  # writes back
+    assert img.read_bytes()[:2 * MiB] == data[:2 * MiB]
