@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 SECTOR = 512
-BLOCK = 64 * 1024
+BLOCK = 16 * 1024  # small: a random 4 KiB write takes a 16 KiB block
 SPB = BLOCK // SECTOR  # sectors per block
 FULL = (1 << SPB) - 1
 
@@ -37,16 +37,12 @@ def _mask(s0: int, s1: int) -> int:
 
 def _runs(bits: int, s0: int, s1: int, want: bool) -> Iterator[tuple[int, int]]:
     """Runs of sectors in [s0, s1) whose bit is ``want``: (first, end) pairs."""
-    s = s0
-    while s < s1:
-        if bool(bits >> s & 1) != want:
-            s += 1
-            continue
-        e = s + 1
-        while e < s1 and bool(bits >> e & 1) == want:
-            e += 1
-        yield s, e
-        s = e
+    x = (bits if want else ~bits) & _mask(s0, s1)
+    while x:
+        low = x & -x  # the first sector of the next run
+        t = x + low  # the carry clears the run and sets the bit just past it
+        yield low.bit_length() - 1, (t & -t).bit_length() - 1
+        x &= t
 
 
 class _Block:

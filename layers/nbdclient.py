@@ -683,6 +683,7 @@ class _AsyncConn:
             return
         self.dead = True
         self.reason = reason
+        self.client.aconn_losses += 1
         log.info("nbd remote %s: event-loop connection dropped: %s", self.client.target, reason)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader, which ends
@@ -964,6 +965,7 @@ class RemoteClient:
         self.export: C.RemoteExport | None = None
         self.connects = 0
         self.reconnects = 0
+        self.aconn_losses = 0  # event-loop connections dropped (their unflushed writes may be gone)
         self.last_error = ""
         self._conn: _Conn | None = None
         self._cond = threading.Condition()

@@ -106,6 +106,7 @@ class NBDLayer(Layer):
             cache = cache or DEFAULT_WRITEBACK_CACHE
         self.bcache = BlockCache(cache) if cache else None
         self._wb_lock = threading.Lock()  # write-backs and zeroing, one at a time
+        self._awb: trio.Event | None = None  # set when the event loop's write-back ends
         self._identity: Identity | None = None
         self._dirty = False  # -N: written since the last flush
         log.info("%s %s: %d bytes, %s, %s replies, max request %d%s%s", self.flag, target,
@@ -397,7 +398,18 @@ class NBDLayer(Layer):
 
     async def awrite(self, offset: int, buffers: Sequence[Buffer], nbytes: int,
                      fua: bool) -> None:
-        """-N writes from the event loop go out on its connections, like reads."""
+        """-N writes from the event loop go out on its connections, like reads.
+
+        A ``-X`` write waits for room in the cache: the event loop writes the
+        cache back (:meth:`_awrite_back`) when it is full of dirty data.
+        """
+        if self.writeback and not fua and self.client.aconns:
+            assert self.bcache is not None
+            while not self.bcache.write(offset, buffers, nbytes):
+                await self._awrite_back()
+            self.writes += 1
+            self.written_bytes += nbytes
+            return
         if self.writeback or not self.client.aconns:
             await super().awrite(offset, buffers, nbytes, fua)  # a worker thread
             return
@@ -431,11 +443,19 @@ class NBDLayer(Layer):
             # -X: into the cache, at once, unless it is full of dirty data
             # (then awrite writes it back in a worker thread first)
             assert self.bcache is not None
-            if not self.bcache.write(offset, [data], nbytes):
+            cache = self.bcache
+            if not cache.write(offset, [data], nbytes):
                 return False
             self.writes += 1
             self.written_bytes += nbytes
             trio.lowlevel.current_trio_token().run_sync_soon(done, None)  # after this returns
+            if (self._awb is None and self.client.aconns
+                    and cache.dirty_blocks * 2 >= cache.capacity_blocks):
+                # half full of dirty data: write it back in the background, so
+                # new writes find room instead of waiting for a write-back
+                self._awb = trio.Event()
+                trio.lowlevel.spawn_system_task(self._awrite_back_bg,
+                                                name=f"{self.flag} write-back")
             return True
         if not self.client.aconns:
             return False
@@ -506,6 +526,61 @@ class NBDLayer(Layer):
             if runs:
                 log.debug("%s %s: wrote back %d bytes", self.flag, self.target,
                           sum(len(d) for _, d in runs))
+
+    async def _awrite_back_bg(self) -> None:
+        try:
+            await self._awrite_back(started=True)
+        except Exception as exc:  # the data stays dirty: FLUSH or the next write-back retries
+            log.warning("%s %s: writing back in the background failed: %s", self.flag,
+                        self.target, exc)
+
+    async def _awrite_back(self, started: bool = False) -> None:
+        """:meth:`_write_back` on the event loop's connections, without threads.
+
+        One at a time: a caller that finds one running waits for it to end.
+        ``started``: the caller has already set ``_awb`` (the background task).
+        """
+        assert self.bcache is not None
+        if self._awb is not None and not started:
+            await self._awb.wait()
+            return
+        if self._awb is None:
+            self._awb = trio.Event()
+        ev = self._awb
+        try:
+            if not self._wb_lock.acquire(blocking=False):
+                # a worker thread is writing back (a FLUSH): wait for it, then go on
+                await trio.to_thread.run_sync(self._wb_lock.acquire)
+            try:
+                await self._awrite_back_locked()
+            finally:
+                self._wb_lock.release()
+        finally:
+            self._awb = None
+            ev.set()
+
+    async def _awrite_back_locked(self) -> None:
+        assert self.bcache is not None
+        client = self.client
+        connects, losses = client.connects, client.aconn_losses
+        runs = self.bcache.take_dirty()
+        ok = False
+        try:
+            reqs = [Request(P.CMD_WRITE, o, n, payload=[memoryview(data)[o - off:o - off + n]])
+                    for off, data in runs for o, n in self._pieces(off, len(data))]
+            if reqs:
+                await client.acall(reqs)
+            if reqs or self._dirty:
+                self._dirty = False
+                if self.export.can(P.TF_SEND_FLUSH):
+                    await client.acall([Request(P.CMD_FLUSH, 0, 0)])
+            # Writes acknowledged on a connection lost since may not have
+            # survived the server: they stay dirty and are written again.
+            ok = client.connects == connects and client.aconn_losses == losses
+        finally:
+            self.bcache.written(ok)
+            if not ok:
+                self._dirty = True
 
     def cache(self, offset: int, length: int) -> None:
         """Prefetch into our cache, or ask the remote to (NBD_CMD_CACHE)."""

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lbd.layers import blockcache
 from lbd.layers.blockcache import BLOCK, BlockCache
 from lbd.layers.nbdclient import parse_target
 from lbd.layers.nbdremote import _align, _overlay
@@ -114,3 +117,23 @@ def test_extent_rounding_and_overlay() -> None:
     assert _align([(0, 2048, Z)], 0, 4096) == [(0, 2048, Z), (2048, 2048, D)]
     assert _overlay([(0, 8192, Z)], [(1024, 512)]) == [(0, 1024, Z), (1024, 512, D),
                                                         (1536, 6656, Z)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=(1 << blockcache.SPB) - 1),
+       st.integers(min_value=0, max_value=blockcache.SPB),
+       st.integers(min_value=0, max_value=blockcache.SPB), st.booleans())
+def test_runs_of_sector_bits_match_a_plain_scan(bits: int, a: int, b: int, want: bool) -> None:
+    s0, s1 = min(a, b), max(a, b)
+    plain = []
+    s = s0
+    while s < s1:  # the obvious sector-by-sector scan
+        if bool(bits >> s & 1) == want:
+            e = s
+            while e < s1 and bool(bits >> e & 1) == want:
+                e += 1
+            plain.append((s, e))
+            s = e
+        else:
+            s += 1
+    assert list(blockcache._runs(bits, s0, s1, want)) == plain
