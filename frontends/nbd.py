@@ -36,7 +36,7 @@ import trio
 from lbd import protocol as P
 from lbd.device import Device
 from lbd.errors import IOFailure, WouldBlock
-from lbd.layer import State
+from lbd.layer import WRITTEN, State
 
 log = logging.getLogger(__name__)
 
@@ -1011,10 +1011,14 @@ class Connection:
             self._remote_done()
 
         try:
-            if not self.device.write_start(offset, payload, done):
+            started = self.device.write_start(offset, payload, done)
+            if not started:
                 return False
         except Exception as exc:
             self._fail(P.CMD_WRITE, handle, exc)
+            return True
+        if started == WRITTEN:  # done already (-X's cache): replied with this receive's
+            self._ok(handle)
             return True
         self._remote_inflight += 1
         if self._sender_lot is None:

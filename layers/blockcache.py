@@ -163,10 +163,19 @@ class BlockCache:
         return blk
 
     def _evict(self) -> bool:
-        for b, blk in self._blocks.items():
+        """Drop the least recently used clean block; False if every block is dirty.
+
+        Dirty and writing blocks met on the way go to the back, so the next
+        eviction does not walk past them again (they cannot be evicted
+        anyway; a write-back leaves them clean, and recently used).
+        """
+        blocks = self._blocks
+        for _ in range(len(blocks)):
+            b, blk = next(iter(blocks.items()))
             if not (blk.dirty | blk.writing):
-                del self._blocks[b]
+                del blocks[b]
                 return True
+            blocks.move_to_end(b)
         return False
 
     def _stale_fills(self, start: int, end: int) -> None:

@@ -37,7 +37,7 @@ import trio
 
 from lbd import protocol as P
 from lbd.errors import ConfigError, IOFailure, WouldBlock
-from lbd.layer import ID_IMAGE, Buffer, Identity, Layer, State
+from lbd.layer import ID_IMAGE, WRITTEN, Buffer, Identity, Layer, State
 
 from .blockcache import BlockCache
 from .flat import fingerprint
@@ -427,12 +427,12 @@ class NBDLayer(Layer):
         self.written_bytes += nbytes
 
     def write_submit(self, offset: int, data: Buffer,
-                     done: Callable[[BaseException | None], object]) -> bool:
+                     done: Callable[[BaseException | None], object]) -> bool | str:
         """Start a ``-N`` write on the event loop's connections; no task waits.
 
         ``done(None)`` or ``done(exc)`` once the remote has answered (as
-        :meth:`read_submit`).  With ``-X`` the data goes into the cache and
-        ``done(None)`` follows at once.  False (nothing started) when the
+        :meth:`read_submit`).  With ``-X`` the data goes into the cache at once:
+        :data:`~lbd.layer.WRITTEN`, and no callback.  False (nothing started) when the
         ``-X`` cache is full of dirty data or no event-loop connection is up:
         use :meth:`awrite`.
         """
@@ -448,7 +448,6 @@ class NBDLayer(Layer):
                 return False
             self.writes += 1
             self.written_bytes += nbytes
-            trio.lowlevel.current_trio_token().run_sync_soon(done, None)  # after this returns
             if (self._awb is None and self.client.aconns
                     and cache.dirty_blocks * 2 >= cache.capacity_blocks):
                 # half full of dirty data: write it back in the background, so
@@ -456,7 +455,7 @@ class NBDLayer(Layer):
                 self._awb = trio.Event()
                 trio.lowlevel.spawn_system_task(self._awrite_back_bg,
                                                 name=f"{self.flag} write-back")
-            return True
+            return WRITTEN
         if not self.client.aconns:
             return False
         _flags, reqs = self._write_requests(offset, [data], nbytes, False)

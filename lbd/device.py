@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from lbd.errors import IOFailure, WouldBlock
-from lbd.layer import Buffer, Layer, State
+from lbd.layer import WRITTEN, Buffer, Layer, State
 from lbd.layers.null import NullLayer
 
 SECTOR = 512
@@ -302,21 +302,23 @@ class Device:
             await trio.to_thread.run_sync(self.write, offset, data)
 
     def write_start(self, offset: int, data: Buffer,
-                    done: Callable[[BaseException | None], object]) -> bool:
+                    done: Callable[[BaseException | None], object]) -> bool | str:
         """Start an aligned write to a remote top layer with no task waiting for it.
 
         The top layer's ``write_submit`` (the NBD layer, ``-N``) sends it and
         calls ``done(None)`` or ``done(exc)`` from the event loop once the
-        remote has answered, never before this returns.  False (nothing
-        started) when this way does not apply: use :meth:`awrite`.  The
-        caller has checked the range.
+        remote has answered, never before this returns.  :data:`WRITTEN`:
+        the write is already done (``-X``'s cache took it) and ``done`` is
+        not called.  False (nothing started) when this way does not apply:
+        use :meth:`awrite`.  The caller has checked the range.
         """
         n = len(data)
         top = self._stack[0]
         submit = getattr(top, "write_submit", None)
         if submit is None or not n or (offset | n) & _MASK or not top.writable:
             return False
-        return bool(submit(offset, data, done))
+        started = submit(offset, data, done)
+        return started if started == WRITTEN else bool(started)
 
     def write_batch(self, items: list[tuple[int, Buffer]], *, checked: bool = False) -> None:
         """Sector-aligned writes ``(offset, data)``, applied in order, merged where the top can.

@@ -60,6 +60,11 @@ class Identity:
         return f"{_ID_NAMES.get(self.kind, 'unknown')}{name} (id {self.ident.hex()})"
 
 
+# What a layer's ``write_submit`` returns for a write it finished at once (the
+# -X cache took it): no callback follows, the caller replies now.
+WRITTEN = "written"
+
+
 class Layer(ABC):
     kind: ClassVar[str]
     # False for a layer that may wait on a network (NBD, RBD).  Its

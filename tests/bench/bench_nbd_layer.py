@@ -14,6 +14,12 @@ served read-only by each remote on a Unix socket.  For each remote:
   4 connections, 256 KiB requests), the median of ``--runs``, in MiB/s;
 - fio's nbd engine, 4k random reads at QD32 for ``--runtime`` seconds, in IOPS.
 
+Then writes (skip with ``--no-writes``): fio 4k random writes at QD32 to
+nbdkit's ``memory`` plugin directly, and through ``lbd serve -N`` (write
+through) and ``-X`` (write-back cache, ``--nbd-cache`` default 64 MiB), each on
+a fresh remote; and 4k random reads through ``-n --nbd-cache 256m`` (the read
+cache) beside the plain ``-n`` row above.
+
 LBD is ``lbd serve -s SIZE -n REMOTE -E NEW.lbd --unix SOCK -a none -q`` (an
 empty change file: every read goes to the remote).  The LBD column also shows
 the LBD process's CPU use (user+system over wall time; 100% = one core).  On a
@@ -123,6 +129,80 @@ def fio_randread(uri: str, runtime: int) -> float:
     return float(json.loads(out[out.find("{"):])["jobs"][0]["read"]["iops"])
 
 
+def fio_randwrite(uri: str, runtime: int) -> float:
+    p = subprocess.run(["fio", "--ioengine=nbd", f"--uri={uri}", "--name=w", "--rw=randwrite",
+                        "--bs=4k", "--iodepth=32", "--numjobs=1", "--time_based",
+                        f"--runtime={runtime}", "--ramp_time=1", "--norandommap",
+                        "--randrepeat=0", "--output-format=json"],
+                       capture_output=True, text=True, timeout=runtime + 120)
+    if p.returncode:
+        raise RuntimeError(f"fio failed: {p.stderr.strip()[-500:]}")
+    out = p.stdout
+    return float(json.loads(out[out.find("{"):])["jobs"][0]["write"]["iops"])
+
+
+def write_rows(lbds: list[tuple[str, str]], base: Path, work: Path, size: int,
+               runtime: int) -> list[tuple[str, float, float | None]]:
+    """(label, IOPS, LBD CPU) rows: writes direct, through -N and -X; cached reads."""
+    rows: list[tuple[str, float, float | None]] = []
+    rsock = str(work / "mem.sock")
+    ruri = f"nbd+unix:///?socket={rsock}"
+
+    def memory() -> subprocess.Popen[bytes]:
+        if os.path.exists(rsock):
+            os.unlink(rsock)
+        proc = subprocess.Popen(["nbdkit", "-U", rsock, "-f", "--exit-with-parent", "memory",
+                                 str(size)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_ready(ruri, proc, "nbdkit memory")
+        return proc
+
+    remote = memory()
+    try:
+        log("writes: direct")
+        rows.append(("4k random write, nbdkit memory direct", fio_randwrite(ruri, runtime), None))
+    finally:
+        stop(remote)
+    lsock = str(work / "lbdw.sock")
+    luri = f"nbd+unix:///?socket={lsock}"
+    for name, lbd in lbds:
+        for flag, extra, fn, label in (
+                ("-N", [], fio_randwrite, "4k random write, -N (write-through)"),
+                ("-X", [], fio_randwrite, "4k random write, -X (write-back cache)")):
+            remote = memory()
+            if os.path.exists(lsock):
+                os.unlink(lsock)
+            proc = subprocess.Popen([lbd, "serve", "-s", str(size), flag, ruri, *extra,
+                                     "--unix", lsock, "-a", "none", "-q"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                wait_ready(luri, proc, "lbd")
+                log(f"writes: {name} {flag}")
+                value, cpu = measure(luri, proc.pid, fn, runtime)
+                rows.append((f"{label} [{name}]", value, cpu))
+            finally:
+                stop(proc)
+                stop(remote)
+        rsock2 = str(work / "file.sock")
+        if os.path.exists(rsock2):
+            os.unlink(rsock2)
+        remote = start_remote("nbdkit-file", base, rsock2)
+        if os.path.exists(lsock):
+            os.unlink(lsock)
+        proc = subprocess.Popen([lbd, "serve", "-s", str(size), "-n",
+                                 f"nbd+unix:///?socket={rsock2}", "--nbd-cache", "256m",
+                                 "--unix", lsock, "-a", "none", "-q"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_ready(luri, proc, "lbd")
+            log(f"reads: {name} -n --nbd-cache 256m")
+            value, cpu = measure(luri, proc.pid, fio_randread, runtime)
+            rows.append((f"4k random read, -n --nbd-cache 256m [{name}]", value, cpu))
+        finally:
+            stop(proc)
+            stop(remote)
+    return rows
+
+
 def measure(uri: str, pid: int | None, fn: Any, *args: Any) -> tuple[Any, float | None]:
     c0, t0 = (cpu_seconds(pid) if pid else 0.0), time.monotonic()
     value = fn(uri, *args)
@@ -162,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--also", action="append", default=[], metavar="NAME=LBD",
                     help="measure another lbd executable too (e.g. an older build), "
                     "in the same run; its rows are labelled NAME")
+    ap.add_argument("--no-writes", action="store_true",
+                    help="skip the write (-N, -X) and read-cache rows")
     args = ap.parse_args(argv)
     size = parse_size(args.size)
     for tool in ("nbdcopy", "nbdinfo", "fio", "nbdkit", "qemu-nbd"):
@@ -204,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 stop(remote)
             results["remotes"][kind] = row
+        if not args.no_writes:
+            results["writes"] = write_rows(lbds, base, work, size, args.runtime)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -223,6 +307,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 t, cpu = row[name][key], row[name][f"{key}_cpu"]
                 print(f"{label + ' (' + unit + ')':<34} {kind:<12} {d:>10,.0f} {name:>20} "
                       f"{t:>10,.0f} {t / d:>6.2f} {cpu * 100:>7.0f}%")
+    if results.get("writes"):
+        print()
+        print("4k at QD32, fio: writes to nbdkit memory directly and through LBD; "
+              "reads through the read cache")
+        print()
+        hdr = f"{'workload':<58} {'IOPS':>10} {'LBD CPU':>8}"
+        print(hdr)
+        print("-" * len(hdr))
+        for label, value, cpu in results["writes"]:
+            c = "" if cpu is None else f"{cpu * 100:.0f}%"
+            print(f"{label:<58} {value:>10,.0f} {c:>8}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
