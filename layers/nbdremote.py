@@ -41,7 +41,7 @@ from lbd.layer import ID_IMAGE, WRITTEN, Buffer, Identity, Layer, State
 
 from .blockcache import BlockCache
 from .flat import fingerprint
-from .nbdclient import PipeData, RemoteClient, Request, Target, parse_target
+from .nbdclient import PipeData, RemoteClient, Request, Target, _deliver, parse_target
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ class NBDLayer(Layer):
             return done(exc)
 
         if not reqs:  # all in the cache: done, but never before this returns
-            trio.lowlevel.current_trio_token().run_sync_soon(done, None)
+            trio.lowlevel.current_trio_token().run_sync_soon(_deliver, done, None)
         elif not self.client.submit(reqs, filled):
             for fill, _part in fills:
                 cache.end_fill(fill, None)
@@ -441,7 +441,7 @@ class NBDLayer(Layer):
         nbytes = len(data)
         if self.writeback:
             # -X: into the cache, at once, unless it is full of dirty data
-            # (then awrite writes it back in a worker thread first)
+            # (then the caller's awrite waits for a write-back)
             assert self.bcache is not None
             cache = self.bcache
             if not cache.write(offset, [data], nbytes):
