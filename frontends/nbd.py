@@ -998,9 +998,11 @@ class Connection:
         """Start a write to a remote top layer (``-N``) with no task (Device.write_start).
 
         Its reply is queued by the remote connection's reader, like a remote
-        read's.  False: start nothing (FUA, unaligned, not such a stack).
+        read's.  A FUA write goes this way when the remote takes FUA itself.
+        False: start nothing (unaligned, FUA the remote cannot do in the same
+        request, not such a stack).
         """
-        if flags & P.CMDF_FUA or self.readonly:
+        if self.readonly:
             return False
 
         def done(exc: BaseException | None) -> None:
@@ -1011,7 +1013,8 @@ class Connection:
             self._remote_done()
 
         try:
-            started = self.device.write_start(offset, payload, done)
+            started = self.device.write_start(offset, payload, done,
+                                              fua=bool(flags & P.CMDF_FUA))
             if not started:
                 return False
         except Exception as exc:

@@ -9,7 +9,7 @@ The layer is not local (``local = False``): ``read_present(nowait=True)``
 raises :class:`~lbd.errors.WouldBlock` unless the cache holds the whole
 range.  Reads from the event loop start with :meth:`NBDLayer.read_submit`
 (or :meth:`NBDLayer.read_splice`, the data in a pipe) and end in a callback,
-with no task; so do plain ``-N`` writes (:meth:`NBDLayer.write_submit`;
+with no task; so do aligned ``-N`` writes (:meth:`NBDLayer.write_submit`;
 a ``-X`` one goes into the cache at once); other writes await
 :meth:`NBDLayer.awrite`; the frontends call everything else in worker
 threads, where this layer blocks on the network
@@ -427,19 +427,23 @@ class NBDLayer(Layer):
         self.written_bytes += nbytes
 
     def write_submit(self, offset: int, data: Buffer,
-                     done: Callable[[BaseException | None], object]) -> bool | str:
+                     done: Callable[[BaseException | None], object],
+                     fua: bool = False) -> bool | str:
         """Start a ``-N`` write on the event loop's connections; no task waits.
 
         ``done(None)`` or ``done(exc)`` once the remote has answered (as
         :meth:`read_submit`).  With ``-X`` the data goes into the cache at once:
         :data:`~lbd.layer.WRITTEN`, and no callback.  False (nothing started) when the
-        ``-X`` cache is full of dirty data or no event-loop connection is up:
-        use :meth:`awrite`.
+        ``-X`` cache is full of dirty data or no event-loop connection is up,
+        and for a FUA write the remote cannot take in the same request (and
+        any FUA write to ``-X``): use :meth:`awrite`.
         """
         if not self.writable:
             return False
         nbytes = len(data)
         if self.writeback:
+            if fua:  # needs a write-back and FLUSH first: awrite
+                return False
             # -X: into the cache, at once, unless it is full of dirty data
             # (then the caller's awrite waits for a write-back)
             assert self.bcache is not None
@@ -458,7 +462,9 @@ class NBDLayer(Layer):
             return WRITTEN
         if not self.client.aconns:
             return False
-        _flags, reqs = self._write_requests(offset, [data], nbytes, False)
+        flags, reqs = self._write_requests(offset, [data], nbytes, fua)
+        if fua and not flags:  # the remote has no FUA: awrite flushes after the write
+            return False
 
         def finished(exc: BaseException | None) -> object:
             if self.bcache is not None:

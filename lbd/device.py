@@ -302,22 +302,24 @@ class Device:
             await trio.to_thread.run_sync(self.write, offset, data)
 
     def write_start(self, offset: int, data: Buffer,
-                    done: Callable[[BaseException | None], object]) -> bool | str:
+                    done: Callable[[BaseException | None], object],
+                    fua: bool = False) -> bool | str:
         """Start an aligned write to a remote top layer with no task waiting for it.
 
         The top layer's ``write_submit`` (the NBD layer, ``-N``) sends it and
         calls ``done(None)`` or ``done(exc)`` from the event loop once the
         remote has answered, never before this returns.  :data:`WRITTEN`:
         the write is already done (``-X``'s cache took it) and ``done`` is
-        not called.  False (nothing started) when this way does not apply:
-        use :meth:`awrite`.  The caller has checked the range.
+        not called.  With ``fua`` the write is durable on the remote when
+        ``done(None)`` comes.  False (nothing started) when this way does not
+        apply: use :meth:`awrite`.  The caller has checked the range.
         """
         n = len(data)
         top = self._stack[0]
         submit = getattr(top, "write_submit", None)
         if submit is None or not n or (offset | n) & _MASK or not top.writable:
             return False
-        started = submit(offset, data, done)
+        started = submit(offset, data, done, fua)
         return started if started == WRITTEN else bool(started)
 
     def write_batch(self, items: list[tuple[int, Buffer]], *, checked: bool = False) -> None:

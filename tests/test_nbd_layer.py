@@ -416,3 +416,31 @@ while h.aio_in_flight():
     assert img.read_bytes() == data
     assert srv.stop() == 0
     assert img.read_bytes() == data
+
+
+def test_fua_write_through_n_keeps_its_flag(remotes: Remotes, lbd_server,
+                                            tmp_path: Path) -> None:
+    """-N: a FUA write goes to the remote as one WRITE with FUA (nbdkit's log
+    filter shows the flag), not as a write and a separate FLUSH; its data lands."""
+    img = random_file(tmp_path / "f.img", SIZE, seed=53)
+    log_path = tmp_path / "kit.log"
+    kit = remotes.nbdkit("--filter=log", "file", str(img), f"logfile={log_path}")
+    srv = lbd_server(["-s", "32M", "-N", kit.uri])
+    nbdsh(srv.uri, """
+import nbd
+for i in range(16):
+    h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray([65 + i]) * 4096), (i * 7 + 3) * 4096,
+                 flags=nbd.CMD_FLAG_FUA)
+while h.aio_in_flight():
+    h.poll(-1)
+""")
+    data = img.read_bytes()
+    for i in range(16):
+        off = (i * 7 + 3) * 4096
+        assert data[off:off + 4096] == bytes([65 + i]) * 4096
+    text = log_path.read_text()
+    fua_writes = [ln for ln in text.splitlines()
+                  if "Write" in ln and "count=0x1000" in ln and "fua=1" in ln]
+    assert len(fua_writes) >= 16, text[-2000:]
+    assert not [ln for ln in text.splitlines() if "Flush" in ln], text[-2000:]
+    assert srv.stop() == 0
