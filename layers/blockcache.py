@@ -187,6 +187,29 @@ class BlockCache:
 
     def write(self, offset: int, buffers: Sequence[Buffer], nbytes: int) -> bool:
         """Store written data as dirty; False (nothing stored) if there is no room."""
+        if len(buffers) == 1 and type(buffers[0]) is bytes:
+            b = offset // BLOCK
+            i = offset - b * BLOCK
+            if i + nbytes <= BLOCK:  # the common case, inside one block: less work
+                with self._lock:
+                    blocks = self._blocks
+                    blk = blocks.get(b)
+                    if blk is not None:
+                        blocks.move_to_end(b)
+                    elif len(blocks) < self.capacity_blocks or (
+                            self.dirty_blocks < len(blocks) and self._evict()):
+                        blk = blocks[b] = _Block()
+                    else:
+                        return False  # full of dirty data
+                    if self._fills:
+                        self._stale_fills(offset, offset + nbytes)
+                    blk.data[i:i + nbytes] = buffers[0]
+                    if not (blk.dirty | blk.writing):
+                        self.dirty_blocks += 1
+                    m = _mask(i // SECTOR, (i + nbytes) // SECTOR)
+                    blk.valid |= m
+                    blk.dirty |= m
+                return True
         with self._lock:
             end = offset + nbytes
             needed = [b for b in range(offset // BLOCK, (end - 1) // BLOCK + 1)
@@ -240,7 +263,7 @@ class BlockCache:
 
     # -- write-back ---------------------------------------------------------------------
 
-    def take_dirty(self) -> list[tuple[int, bytes]]:
+    def take_dirty(self) -> list[tuple[int, bytearray]]:
         """Every dirty run as (offset, data copy), merged; they become 'writing'."""
         runs: list[tuple[int, bytearray]] = []
         with self._lock:
@@ -256,7 +279,7 @@ class BlockCache:
                         runs.append((off, bytearray(piece)))
                 blk.writing |= blk.dirty
                 blk.dirty = 0
-        return [(off, bytes(data)) for off, data in runs]
+        return runs
 
     def written(self, ok: bool) -> None:
         """The write-back ended: flushed on the remote (ok), or it failed / was lost."""

@@ -137,3 +137,33 @@ def test_runs_of_sector_bits_match_a_plain_scan(bits: int, a: int, b: int, want:
         else:
             s += 1
     assert list(blockcache._runs(bits, s0, s1, want)) == plain
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 63), st.integers(1, 48), st.booleans(),
+                          st.sampled_from(["write", "take", "ok", "fail", "drop"])),
+                max_size=60))
+def test_one_block_write_fast_path_matches_the_general_path(ops: list) -> None:
+    """BlockCache.write takes a shorter road for one bytes buffer inside one
+    block; a twin cache fed bytearrays (the general road) must end up the same."""
+    fast, slow = BlockCache(6 * BLOCK), BlockCache(6 * BLOCK)  # room for 6 of 16 blocks
+    for n, (sector, count, _, op) in enumerate(ops):
+        off = sector * 512 * 4
+        length = count * 512
+        if op == "write":
+            data = bytes([n % 251]) * length
+            assert fast.write(off, [data], length) == slow.write(off, [bytearray(data)], length)
+        elif op == "take":
+            assert fast.take_dirty() == slow.take_dirty()
+        elif op in ("ok", "fail"):
+            fast.written(op == "ok")
+            slow.written(op == "ok")
+        else:
+            fast.drop(off, length)
+            slow.drop(off, length)
+        assert fast.dirty_blocks == slow.dirty_blocks
+        assert fast.dirty_bytes() == slow.dirty_bytes()
+    span = 64 * 2048 + 48 * 512
+    a, b = memoryview(bytearray(span)), memoryview(bytearray(span))
+    assert fast.lookup(0, a) == slow.lookup(0, b)
+    assert bytes(a) == bytes(b)
