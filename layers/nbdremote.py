@@ -37,11 +37,11 @@ import trio
 
 from lbd import protocol as P
 from lbd.errors import ConfigError, IOFailure, WouldBlock
-from lbd.layer import ID_IMAGE, WRITTEN, Buffer, Identity, Layer, State
+from lbd.layer import FILLED, ID_IMAGE, WRITTEN, Buffer, Identity, Layer, State
 
 from .blockcache import BlockCache
 from .flat import fingerprint
-from .nbdclient import PipeData, RemoteClient, Request, Target, _deliver, parse_target
+from .nbdclient import PipeData, RemoteClient, Request, Target, parse_target
 
 log = logging.getLogger(__name__)
 
@@ -256,14 +256,15 @@ class NBDLayer(Layer):
         return []
 
     def read_submit(self, pieces: list[tuple[int, memoryview]],
-                    done: Callable[[BaseException | None], object]) -> bool:
+                    done: Callable[[BaseException | None], object]) -> bool | str:
         """Start reading ``pieces`` (offset, buffer) from the remote; no task waits.
 
         ``done(None)`` or ``done(exc)`` is called from the event loop once
         every piece is in its buffer (:meth:`RemoteClient.submit`).  False
         (nothing started) when this path cannot serve it: no event-loop
         connection up; the caller then uses ``aread_present``.  With a cache,
-        what it holds is copied at once and only the rest is asked for.
+        what it holds is copied at once and only the rest is asked for; if
+        it held everything, :data:`~lbd.layer.FILLED` (no callback follows).
         """
         if self.bcache is not None:
             return self._read_submit_cached(pieces, done)
@@ -282,7 +283,7 @@ class NBDLayer(Layer):
         return True
 
     def _read_submit_cached(self, pieces: list[tuple[int, memoryview]],
-                            done: Callable[[BaseException | None], object]) -> bool:
+                            done: Callable[[BaseException | None], object]) -> bool | str:
         cache = self.bcache
         assert cache is not None
         if not self.client.aconns:
@@ -302,9 +303,11 @@ class NBDLayer(Layer):
                 cache.end_fill(fill, None if exc is not None else part)
             return done(exc)
 
-        if not reqs:  # all in the cache: done, but never before this returns
-            trio.lowlevel.current_trio_token().run_sync_soon(_deliver, done, None)
-        elif not self.client.submit(reqs, filled):
+        if not reqs:  # all in the cache: the data is there already, no callback
+            self.reads += 1
+            self.read_bytes += n
+            return FILLED
+        if not self.client.submit(reqs, filled):
             for fill, _part in fills:
                 cache.end_fill(fill, None)
             return False
@@ -313,7 +316,7 @@ class NBDLayer(Layer):
         return True
 
     def read_submit1(self, offset: int, view: memoryview,
-                     done: Callable[[BaseException | None], object]) -> bool:
+                     done: Callable[[BaseException | None], object]) -> bool | str:
         """:meth:`read_submit` of one piece (the common case, with less work)."""
         n = len(view)
         if self.bcache is not None or n > self.max_block:

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from lbd.errors import IOFailure, WouldBlock
-from lbd.layer import WRITTEN, Buffer, Layer, State
+from lbd.layer import FILLED, WRITTEN, Buffer, Layer, State
 from lbd.layers.null import NullLayer
 
 SECTOR = 512
@@ -190,8 +190,8 @@ class Device:
         The layers above the remote one are read at once (from the page
         cache; their data wins); what none of them holds is handed to the
         first layer that can read without a task (``read_submit``: the NBD
-        layer's event-loop connections; if it declines, a layer whose cache
-        holds it all answers at once).  Returns
+        layer's event-loop connections, or at once from its cache when that
+        holds it all, :data:`~lbd.layer.FILLED`).  Returns
         ``(data, started)``: with ``started``, ``data`` is complete once
         ``done(None)`` is called (or ``done(exc)`` reports the failure),
         never before this returns; without it, ``data`` is complete now.
@@ -217,8 +217,9 @@ class Device:
                         if data is not None:
                             return data, True
                     buf = bytearray(length)
-                    if submit1(offset, memoryview(buf), done):
-                        return buf, True
+                    started = submit1(offset, memoryview(buf), done)
+                    if started:
+                        return buf, started != FILLED
                 break
         buf = bytearray(a1 - a0)
         view = memoryview(buf)
@@ -232,8 +233,9 @@ class Device:
                     data = layer.read_splice(offset, length, done)  # type: ignore[attr-defined]
                     if data is not None:
                         return data, True
-                if submit([(o, view[o - a0:o - a0 + n]) for o, n in pending], done):
-                    started = True
+                submitted = submit([(o, view[o - a0:o - a0 + n]) for o, n in pending], done)
+                if submitted:
+                    started = submitted != FILLED  # FILLED: a cache held it all
                     break
             nxt: list[tuple[int, int]] = []
             try:

@@ -63,6 +63,9 @@ class Identity:
 # What a layer's ``write_submit`` returns for a write it finished at once (the
 # -X cache took it): no callback follows, the caller replies now.
 WRITTEN = "written"
+# What ``read_submit`` returns when its cache held all of the range: the data
+# is in the buffers already and no callback follows.
+FILLED = "filled"
 
 
 class Layer(ABC):
