@@ -117,8 +117,9 @@ def nbdcopy(uri: str, size: int, runs: int) -> tuple[float, list[float]]:
     return statistics.median(rates), rates
 
 
-def fio_randread(uri: str, runtime: int) -> float:
-    p = subprocess.run(["fio", "--ioengine=nbd", f"--uri={uri}", "--name=r", "--rw=randread",
+def fio_rand(uri: str, runtime: int, rw: str = "randread") -> float:
+    """IOPS of fio's nbd engine: 4k ``rw`` (randread or randwrite) at QD32."""
+    p = subprocess.run(["fio", "--ioengine=nbd", f"--uri={uri}", "--name=r", f"--rw={rw}",
                         "--bs=4k", "--iodepth=32", "--numjobs=1", "--time_based",
                         f"--runtime={runtime}", "--ramp_time=1", "--norandommap",
                         "--randrepeat=0", "--output-format=json"],
@@ -126,81 +127,63 @@ def fio_randread(uri: str, runtime: int) -> float:
     if p.returncode:
         raise RuntimeError(f"fio failed: {p.stderr.strip()[-500:]}")
     out = p.stdout
-    return float(json.loads(out[out.find("{"):])["jobs"][0]["read"]["iops"])
-
-
-def fio_randwrite(uri: str, runtime: int) -> float:
-    p = subprocess.run(["fio", "--ioengine=nbd", f"--uri={uri}", "--name=w", "--rw=randwrite",
-                        "--bs=4k", "--iodepth=32", "--numjobs=1", "--time_based",
-                        f"--runtime={runtime}", "--ramp_time=1", "--norandommap",
-                        "--randrepeat=0", "--output-format=json"],
-                       capture_output=True, text=True, timeout=runtime + 120)
-    if p.returncode:
-        raise RuntimeError(f"fio failed: {p.stderr.strip()[-500:]}")
-    out = p.stdout
-    return float(json.loads(out[out.find("{"):])["jobs"][0]["write"]["iops"])
+    job = json.loads(out[out.find("{"):])["jobs"][0]
+    return float(job["write" if rw == "randwrite" else "read"]["iops"])
 
 
 def write_rows(lbds: list[tuple[str, str]], base: Path, work: Path, size: int,
                runtime: int) -> list[tuple[str, float, float | None]]:
     """(label, IOPS, LBD CPU) rows: writes direct, through -N and -X; cached reads."""
     rows: list[tuple[str, float, float | None]] = []
-    rsock = str(work / "mem.sock")
-    ruri = f"nbd+unix:///?socket={rsock}"
+    msock, fsock, lsock = (str(work / n) for n in ("mem.sock", "file.sock", "lbdw.sock"))
+    muri, furi, luri = (f"nbd+unix:///?socket={p}" for p in (msock, fsock, lsock))
 
     def memory() -> subprocess.Popen[bytes]:
-        if os.path.exists(rsock):
-            os.unlink(rsock)
-        proc = subprocess.Popen(["nbdkit", "-U", rsock, "-f", "--exit-with-parent", "memory",
+        unlink_stale(msock)
+        proc = subprocess.Popen(["nbdkit", "-U", msock, "-f", "--exit-with-parent", "memory",
                                  str(size)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_ready(ruri, proc, "nbdkit memory")
+        wait_ready(muri, proc, "nbdkit memory")
         return proc
+
+    def through(lbd: str, layer: list[str], remote: subprocess.Popen[bytes], label: str,
+                rw: str) -> None:
+        """A fresh ``lbd serve`` with ``layer`` over ``remote``: one fio row; both stop."""
+        unlink_stale(lsock)
+        proc = subprocess.Popen([lbd, "serve", "-s", str(size), *layer, "--unix", lsock,
+                                 "-a", "none", "-q"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_ready(luri, proc, "lbd")
+            log(label)
+            value, cpu = measure(luri, proc.pid, fio_rand, runtime, rw)
+            rows.append((label, value, cpu))
+        finally:
+            stop(proc)
+            stop(remote)
 
     remote = memory()
     try:
         log("writes: direct")
-        rows.append(("4k random write, nbdkit memory direct", fio_randwrite(ruri, runtime), None))
+        rows.append(("4k random write, nbdkit memory direct",
+                     fio_rand(muri, runtime, "randwrite"), None))
     finally:
         stop(remote)
-    lsock = str(work / "lbdw.sock")
-    luri = f"nbd+unix:///?socket={lsock}"
     for name, lbd in lbds:
-        for flag, extra, fn, label in (
-                ("-N", [], fio_randwrite, "4k random write, -N (write-through)"),
-                ("-X", [], fio_randwrite, "4k random write, -X (write-back cache)")):
-            remote = memory()
-            if os.path.exists(lsock):
-                os.unlink(lsock)
-            proc = subprocess.Popen([lbd, "serve", "-s", str(size), flag, ruri, *extra,
-                                     "--unix", lsock, "-a", "none", "-q"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            try:
-                wait_ready(luri, proc, "lbd")
-                log(f"writes: {name} {flag}")
-                value, cpu = measure(luri, proc.pid, fn, runtime)
-                rows.append((f"{label} [{name}]", value, cpu))
-            finally:
-                stop(proc)
-                stop(remote)
-        rsock2 = str(work / "file.sock")
-        if os.path.exists(rsock2):
-            os.unlink(rsock2)
-        remote = start_remote("nbdkit-file", base, rsock2)
-        if os.path.exists(lsock):
-            os.unlink(lsock)
-        proc = subprocess.Popen([lbd, "serve", "-s", str(size), "-n",
-                                 f"nbd+unix:///?socket={rsock2}", "--nbd-cache", "256m",
-                                 "--unix", lsock, "-a", "none", "-q"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            wait_ready(luri, proc, "lbd")
-            log(f"reads: {name} -n --nbd-cache 256m")
-            value, cpu = measure(luri, proc.pid, fio_randread, runtime)
-            rows.append((f"4k random read, -n --nbd-cache 256m [{name}]", value, cpu))
-        finally:
-            stop(proc)
-            stop(remote)
+        through(lbd, ["-N", muri], memory(), f"4k random write, -N (write-through) [{name}]",
+                "randwrite")
+        through(lbd, ["-X", muri], memory(),
+                f"4k random write, -X (write-back cache) [{name}]", "randwrite")
+        unlink_stale(fsock)
+        through(lbd, ["-n", furi, "--nbd-cache", "256m"],
+                start_remote("nbdkit-file", base, fsock),
+                f"4k random read, -n --nbd-cache 256m [{name}]", "randread")
     return rows
+
+
+def unlink_stale(path: str) -> None:
+    """Remove a socket a stopped server left behind (it cannot listen there again)."""
+    if os.path.exists(path):
+        os.unlink(path)
 
 
 def measure(uri: str, pid: int | None, fn: Any, *args: Any) -> tuple[Any, float | None]:
@@ -226,7 +209,7 @@ def measure_lbd(lbd: str, name: str, kind: str, ruri: str, work: Path, size: int
         log(f"{kind}: {name}")
         (cell["seq"], cell["seq_runs"]), cell["seq_cpu"] = measure(
             luri, proc.pid, nbdcopy, size, args.runs)
-        cell["rand"], cell["rand_cpu"] = measure(luri, proc.pid, fio_randread, args.runtime)
+        cell["rand"], cell["rand_cpu"] = measure(luri, proc.pid, fio_rand, args.runtime)
     finally:
         stop(proc)
     return cell
@@ -280,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"{kind}: direct")
                 (row["seq_direct"], row["seq_direct_runs"]), _ = measure(
                     ruri, None, nbdcopy, size, args.runs)
-                row["rand_direct"], _ = measure(ruri, None, fio_randread, args.runtime)
+                row["rand_direct"], _ = measure(ruri, None, fio_rand, args.runtime)
                 for name, lbd in lbds:
                     row[name] = measure_lbd(lbd, name, kind, ruri, work, size, args)
             finally:
