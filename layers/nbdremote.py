@@ -303,17 +303,13 @@ class NBDLayer(Layer):
                 cache.end_fill(fill, None if exc is not None else part)
             return done(exc)
 
-        if not reqs:  # all in the cache: the data is there already, no callback
-            self.reads += 1
-            self.read_bytes += n
-            return FILLED
-        if not self.client.submit(reqs, filled):
+        if reqs and not self.client.submit(reqs, filled):
             for fill, _part in fills:
                 cache.end_fill(fill, None)
             return False
         self.reads += 1
         self.read_bytes += n
-        return True
+        return True if reqs else FILLED  # FILLED: all in the cache, no callback follows
 
     def read_submit1(self, offset: int, view: memoryview,
                      done: Callable[[BaseException | None], object]) -> bool | str:
@@ -504,6 +500,12 @@ class NBDLayer(Layer):
                 self._dirty = True
                 raise
 
+    def _write_back_requests(self, runs: list[tuple[int, bytearray]]) -> list[Request]:
+        """WRITE requests for the dirty runs of ``BlockCache.take_dirty``, split
+        to the remote's maximum block size."""
+        return [Request(P.CMD_WRITE, o, n, payload=[memoryview(data)[o - off:o - off + n]])
+                for off, data in runs for o, n in self._pieces(off, len(data))]
+
     def _write_back(self) -> None:
         """Write every dirty sector to the remote, then FLUSH it; only then forget them."""
         assert self.bcache is not None
@@ -513,9 +515,7 @@ class NBDLayer(Layer):
                 runs = self.bcache.take_dirty()
                 ok = False
                 try:
-                    reqs = [Request(P.CMD_WRITE, o, n,
-                                    payload=[memoryview(data)[o - off:o - off + n]])
-                            for off, data in runs for o, n in self._pieces(off, len(data))]
+                    reqs = self._write_back_requests(runs)
                     if reqs:
                         self.client.call(reqs)
                     if reqs or self._dirty:
@@ -574,8 +574,7 @@ class NBDLayer(Layer):
         runs = self.bcache.take_dirty()
         ok = False
         try:
-            reqs = [Request(P.CMD_WRITE, o, n, payload=[memoryview(data)[o - off:o - off + n]])
-                    for off, data in runs for o, n in self._pieces(off, len(data))]
+            reqs = self._write_back_requests(runs)
             if reqs:
                 await client.acall(reqs)
             if reqs or self._dirty:
