@@ -770,10 +770,16 @@ class Connection:
 
     def _read_reply(self, handle: int, offset: int,
                     data: bytearray | memoryview | FileSlice) -> None:
+        """Queue a read's reply (``data`` is never empty: reads are at least a byte)."""
+        n = len(data)
         if self.structured:
-            self._queue(P.read_chunk_header(handle, offset, len(data)), data)
+            self._out.extend((_READ_CHUNK(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                                          P.REPLY_TYPE_OFFSET_DATA, handle, n + 8, offset),
+                              data))
+            self._out_bytes += n + 28
         else:
-            self._queue(P.simple_reply(handle), data)
+            self._out.extend((P.simple_reply(handle), data))
+            self._out_bytes += n + 16
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -1046,22 +1052,11 @@ class Connection:
         since it last ran at once.  False: start nothing, use _read_async.
         """
         def done(exc: BaseException | None) -> None:
-            # _read_reply and _remote_done, inline: this runs once per remote read
-            if exc is not None:
-                self._fail(P.CMD_READ, handle, exc)
-            elif self.structured:
-                self._out.extend((_READ_CHUNK(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
-                                              P.REPLY_TYPE_OFFSET_DATA, handle, length + 8,
-                                              offset), data))
-                self._out_bytes += length + 28
+            if exc is None:
+                self._read_reply(handle, offset, data)
             else:
-                self._out.extend((P.simple_reply(handle), data))
-                self._out_bytes += length + 16
-            self._remote_inflight -= 1
-            if not self._kicked:
-                self._kick()
-            if not self._remote_inflight and self._drained_remote is not None:
-                self._drained_remote.set()
+                self._fail(P.CMD_READ, handle, exc)
+            self._remote_done()
 
         try:
             started = self.device.read_start(offset, length, done,
