@@ -599,10 +599,7 @@ class _Batch:
         if len(reqs) == 1:  # the common case, inline
             r = reqs[0]
             if r.state == _DONE and not r.error:
-                try:  # _deliver
-                    self.done(None)
-                except Exception:
-                    log.exception("nbd remote: a completion callback failed")
+                _deliver(self.done, None)
                 return
         try:
             retry = self.client._finished(self.conn, reqs)
