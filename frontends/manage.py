@@ -111,6 +111,8 @@ def serve_argv(opts: ServeOptions) -> list[str]:
             argv += ["--nbd-cache", str(nbd.cache)]
         if nbd.timeout != 30.0:
             argv += ["--nbd-timeout", f"{nbd.timeout:g}"]
+        if nbd.keepalive != 5.0:
+            argv += ["--nbd-keepalive", f"{nbd.keepalive:g}"]
     argv += rbd_argv(opts.specs)
     for host, port in opts.tcp:
         argv += ["-l", str(port) if host is None else format_address(host, port)]

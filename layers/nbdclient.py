@@ -14,6 +14,11 @@ a callback: no task waits), each on connections of its own.
 - A supervisor thread reconnects with backoff (0.05 s doubling to 2 s)
   whenever the connection is lost, and checks that the export is still the
   same size (and still writable when we write).
+- A remote that stops gracefully may wait for its clients to leave (nbdkit
+  answers ESHUTDOWN and waits).  The first ESHUTDOWN closes every connection
+  to it, and the supervisor probes its connection when it has been idle for
+  ``keepalive`` seconds, so an idle LBD lets the remote go too (and notices
+  one that stopped answering).
 - Every call has a deadline (``timeout`` seconds).  A request whose
   connection is lost before its reply is sent again on the next connection
   (NBD requests are idempotent; an unanswered write may or may not have
@@ -382,6 +387,8 @@ class _Conn:
         self.lock = threading.Lock()  # the parser's request table, inflight, dead
         self.send_lock = threading.Lock()
         self.inflight: dict[int, Request] = {}
+        self.sent = 0  # requests registered so far (the keepalive's idle test)
+        self.let_go = False  # closed because the server is shutting down
         self.dead = False
         self.reason = ""
         self.alloc_id = export.allocation_context
@@ -396,6 +403,7 @@ class _Conn:
             handle = next(self.client.handles)
             header = self.t.request(req.cmd, handle, req.offset, req.length, req.flags)
             self.inflight[handle] = req
+            self.sent += 1
         return header
 
     def submit(self, req: Request) -> None:
@@ -664,6 +672,7 @@ class _AsyncConn:
         self.t.receive_data(leftover)
         self.alloc_id = export.allocation_context
         self.inflight: dict[int, tuple[Request, _Call | _Batch]] = {}
+        self.let_go = False  # closed because the server is shutting down
         self.dead = False
         self.reason = ""
         self.reader_running = False
@@ -953,9 +962,10 @@ class RemoteClient:
     """A remote export, kept connected; :meth:`call` runs requests on it."""
 
     def __init__(self, target: Target, *, timeout: float = 30.0, writable: bool = False,
-                 what: str = "-n") -> None:
+                 what: str = "-n", keepalive: float = 5.0) -> None:
         self.target = target
         self.timeout = timeout
+        self.keepalive = keepalive
         self.writable = writable
         self.what = what
         self.handles = itertools.count(1)
@@ -1090,11 +1100,21 @@ class RemoteClient:
         backoff = BACKOFF_FIRST
         failures = 0
         while True:
+            idle: _Conn | None = None
             with self._cond:
                 while not self._closed and self._conn is not None:
-                    self._cond.wait()
+                    conn = self._conn
+                    sent = conn.sent
+                    if self._cond.wait(self.keepalive or None):
+                        continue
+                    if self._conn is conn and conn.sent == sent and not conn.inflight:
+                        idle = conn
+                        break
                 if self._closed:
                     return
+            if idle is not None:
+                self._probe(idle)
+                continue
             try:
                 conn = self._connect()
             except (OSError, C.HandshakeError, C.RemoteProtocolError) as exc:
@@ -1120,6 +1140,58 @@ class RemoteClient:
                         failures)
             backoff = BACKOFF_FIRST
             failures = 0
+
+    def _probe(self, conn: _Conn) -> None:
+        """The keepalive: read one sector on an idle connection.
+
+        ESHUTDOWN says the server is stopping (and may wait for us to go):
+        every connection is closed.  No reply within the timeout drops this
+        connection, and the supervisor makes a new one.
+        """
+        assert self.export is not None
+        n = min(512, self.export.size)
+        if n <= 0:
+            return
+        r = Request(P.CMD_READ, 0, n, view=memoryview(bytearray(n)))
+        r.arm()
+        try:
+            conn.submit(r)
+        except _Lost:
+            return
+        assert r.lock is not None
+        if not r.lock.acquire(timeout=self.timeout):
+            conn.kill(f"no reply to a keepalive within {self.timeout:g} s")
+        elif r.state == _DONE and r.error == P.ESHUTDOWN:
+            self._server_going()
+
+    def _server_going(self) -> None:
+        """The server said it is shutting down: close every connection to it.
+
+        A server stopping gracefully may wait for its clients to leave
+        (nbdkit does), so connections that are idle must go too.  Shutting
+        a socket down is safe from any thread: each connection's reader (or
+        its next request) sees it and hands its requests back to be sent
+        again on a new connection, to the server's successor.
+        """
+        why = "the server is shutting down"
+        conns: list[_Conn | _AsyncConn] = [*self.aconns]
+        conn = self._conn
+        if conn is not None:
+            conns.append(conn)
+        going = [c for c in conns if not (c.dead or c.let_go)]
+        if not going:
+            return
+        log.warning("nbd remote %s: %s; closing every connection to it", self.target, why)
+        self.last_error = why
+        for c in going:
+            c.let_go = True
+            if c is conn:
+                conn.kill(why)
+                continue
+            try:
+                c.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     @property
     def connected(self) -> bool:
@@ -1339,6 +1411,7 @@ class RemoteClient:
         retry = [r for r in todo if r.state != _DONE or r.error == P.ESHUTDOWN]
         if any(r.error == P.ESHUTDOWN for r in retry):
             conn.kill("the server is shutting down")  # reconnect to its successor
+            self._server_going()  # and let it go: it may wait for every connection
         return retry
 
     def close(self) -> None:

@@ -70,7 +70,8 @@ class NBDLayer(Layer):
     local = False
 
     def __init__(self, target: Target | str, size: int, writable: bool, *,
-                 writeback: bool = False, cache: int = 0, timeout: float = 30.0) -> None:
+                 writeback: bool = False, cache: int = 0, timeout: float = 30.0,
+                 keepalive: float = 5.0) -> None:
         super().__init__(size, writable or writeback)
         if isinstance(target, str):
             target = parse_target(target, "-X" if writeback else "-N" if writable else "-n")
@@ -78,7 +79,7 @@ class NBDLayer(Layer):
         self.writeback = writeback
         self.flag = "-X" if writeback else "-N" if writable else "-n"
         self.client = RemoteClient(target, timeout=timeout, writable=self.writable,
-                                   what=self.flag)
+                                   what=self.flag, keepalive=keepalive)
         # Reads from the event loop go on connections of their own (no threads).
         # A writable remote must promise that every connection sees the others'
         # writes (CAN_MULTI_CONN); the read-only case needs no promise.

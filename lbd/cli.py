@@ -117,6 +117,10 @@ def main() -> None:
               show_default=True, metavar="SECONDS",
               help="An NBD layer request without a reply (the remote unreachable) this long "
                    "fails with EIO.")
+@click.option("--nbd-keepalive", "nbd_keepalive", type=click.FloatRange(min=0), default=5.0,
+              show_default=True, metavar="SECONDS",
+              help="Probe an NBD layer's idle connection this often, so a remote that is "
+                   "shutting down or gone is noticed at once (0: never).")
 @click.option("-c", "rbd_ro", multiple=True, metavar="rbd:POOL/IMAGE[@SNAP]",
               help="Ceph RBD image or snapshot, read-only (docs/rbd.md).")
 @click.option("-C", "rbd_rw", multiple=True, metavar="rbd:POOL/IMAGE",
@@ -164,7 +168,7 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
           listen: tuple[str, ...], unix_paths: tuple[str, ...], export_name: str,
           description: str, readonly: bool, oldstyle: bool, force: bool, manage: str,
           manage_token: str | None, manage_timeout: float, nbd_cache: str | None,
-          nbd_timeout: float, ceph_conf: str | None, ceph_id: str | None,
+          nbd_timeout: float, nbd_keepalive: float, ceph_conf: str | None, ceph_id: str | None,
           ceph_keyring: str | None, ceph_timeout: float, verbose: int, quiet: bool,
           mount: str | None = None, **layer_flags: tuple[str, ...]) -> None:
     """Serve a layered device over NBD.
@@ -202,7 +206,8 @@ def serve(ctx: click.Context, size_text: str | None, blocks: int | None,
             size = DEFAULT_SIZE
         if any(s.kind == "nbd" for s in specs):
             cache = parse_size(nbd_cache, "--nbd-cache") if nbd_cache else 0
-            specs = [replace(s, cache=cache, timeout=nbd_timeout) if s.kind == "nbd" else s
+            specs = [replace(s, cache=cache, timeout=nbd_timeout,
+                             keepalive=nbd_keepalive) if s.kind == "nbd" else s
                      for s in specs]
         if any(s.kind == "rbd" for s in specs):
             from lbd.layers.rbd import CephOptions

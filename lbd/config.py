@@ -69,6 +69,7 @@ class LayerSpec:
     writeback: bool = False  # nbd: -X, a write-back cache (exclusive access)
     cache: int = 0  # nbd: --nbd-cache bytes (0: none for -n, the default for -X)
     timeout: float = 30.0  # nbd: --nbd-timeout seconds
+    keepalive: float = 5.0  # nbd: --nbd-keepalive seconds (0: off)
     ceph: CephOptions | None = None  # rbd (-c/-C): --ceph-conf, --ceph-id, ...
 
     @property
@@ -99,7 +100,7 @@ def open_layer(spec: LayerSpec, size: int, below: Layer | None, force: bool) -> 
 
         return NBDLayer(parse_target(spec.param, spec.flag), size, spec.writable,
                         writeback=spec.writeback and spec.writable, cache=spec.cache,
-                        timeout=spec.timeout)
+                        timeout=spec.timeout, keepalive=spec.keepalive)
     if spec.kind == "rbd":
         from lbd.layers.rbd import RBDLayer, parse_target
 

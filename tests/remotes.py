@@ -122,6 +122,21 @@ class Remote:
         self.kill()
         self.start()
 
+    def terminate(self, within: float) -> float:
+        """SIGTERM (a graceful stop) and wait for the server to exit; returns the
+        seconds it took.  Fails (after a SIGKILL) if it is still there after
+        ``within`` seconds: nbdkit, for one, waits for its clients to leave."""
+        assert self.proc is not None and self.daemon_pid is None
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(within)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.name} was still running {within:g} s after "
+                                 f"SIGTERM:\n{self.log()[-2000:]}") from None
+        return time.monotonic() - t0
+
     def stop(self) -> None:
         if self.daemon_pid is not None:
             self._signal_daemon(signal.SIGTERM)

@@ -335,3 +335,63 @@ print(h.pread(4 << 20, 1 << 20) == data)
                                              r"count=0x([0-9a-f]+)", text)]
     assert len(counts) >= 128, text[:2000]  # 4 MiB each way, in 64 KiB pieces
     assert max(counts) == 65536, text[:2000]
+
+
+def read_through(uri: str, offset: int, length: int, *, within: float = 30) -> bytes:
+    """Read through LBD, retrying while it reconnects (its backoff is at most 2 s)."""
+    deadline = time.monotonic() + within
+    while True:
+        got = run(["nbdsh", "-u", uri, "-c",
+                   f"import sys; sys.stdout.buffer.write(h.pread({length}, {offset}))"],
+                  check=False, input=b"")
+        if got.returncode == 0:
+            return bytes(got.stdout)
+        assert time.monotonic() < deadline, got.stderr
+        time.sleep(0.5)
+
+
+def test_remote_stopped_gracefully_while_idle_is_let_go(remotes: Remotes, lbd_server,
+                                                        tmp_path: Path) -> None:
+    """nbdkit stopped with SIGTERM answers ESHUTDOWN and waits for its clients to
+    leave.  An idle LBD notices through its keepalive (--nbd-keepalive), closes
+    every connection to it so it can exit, and reconnects to its successor."""
+    img = random_file(tmp_path / "g.img", SIZE, seed=46)
+    data = img.read_bytes()
+    kit = remotes.nbdkit("file", str(img), readonly=True)
+    srv = lbd_server(["-s", "32M", "-n", kit.uri, "-E", str(tmp_path / "c.lbd"),
+                      "--nbd-keepalive", "1"])
+    # a few reads at once, so the event loop's connections are in use too
+    assert read_through(srv.uri, 3 * MiB, 4 * MiB) == data[3 * MiB:7 * MiB]
+    took = kit.terminate(within=15)
+    assert took < 10, took
+    kit.start()
+    assert read_through(srv.uri, 9 * MiB, 4 * MiB) == data[9 * MiB:13 * MiB]
+    log = srv.log()
+    assert "shutting down" in log and "reconnected" in log, log[-3000:]
+    assert "Traceback" not in log, log[-5000:]
+    assert srv.stop() == 0
+
+
+def test_remote_stopped_gracefully_mid_fio_loses_nothing(remotes: Remotes, lbd_server,
+                                                         tmp_path: Path) -> None:
+    """A graceful restart of the remote (SIGTERM, then a new nbdkit) in the middle of
+    fio's writes through -N: the remote gets to exit at once, fio's writes wait
+    for its successor, and every acknowledged write reaches it."""
+    img = random_file(tmp_path / "w.img", SIZE, seed=47)
+    kit = remotes.nbdkit("file", str(img))
+    srv = lbd_server(["-s", "32M", "-N", kit.uri, "--nbd-timeout", "60"])
+    proc = start_fio(srv.uri, *FIO_WRITE)
+    time.sleep(1.0)
+    assert proc.poll() is None, "fio finished before the restart: make it longer"
+    took = kit.terminate(within=15)
+    assert took < 5, took
+    time.sleep(0.5)
+    kit.start()
+    out, err = proc.communicate(timeout=300)
+    jobs = fio_check((proc.returncode, out, err))
+    assert all(j["write"]["io_bytes"] == 8 * MiB for j in jobs)
+    log = srv.log()
+    assert "shutting down" in log and "reconnected" in log, log[-3000:]
+    assert "Traceback" not in log, log[-5000:]
+    assert srv.stop() == 0
+    no_lost_writes(kit.uri)
