@@ -13,6 +13,7 @@ layer and the offline tools both use :class:`ChangeFile`.
 
 from __future__ import annotations
 
+import collections
 import logging
 import struct
 import threading
@@ -51,6 +52,7 @@ E_INDEX = 3
 E_NEXT = 4
 ENTRY_MAGIC = 0x4C45  # "EL" little-endian
 F_IN_PLACE = 1  # DATA entry whose payload rewrote an earlier unsynced payload in place
+F_REUSED = 2  # DATA entry whose payload went into dead space (a recycled 4 KiB payload)
 
 _HEADER = struct.Struct("<8sIIQQ16s16sII64sQQQQQ")
 _ENTRY = struct.Struct("<HBBIQQQQQII4x")  # 60 bytes, then the entry's CRC-32C
@@ -175,6 +177,17 @@ class ChangeFile:
         # other sizes are listed: first sector -> (loc, nbytes).
         self._sync_mark = 1 << 62  # nothing, until create/open set it
         self._unsynced: dict[int, tuple[int, int]] = {}
+        # Dead 4 KiB payloads that later whole-block rewrites may reuse
+        # (docs/format.md, "Recycling"): (location, an upper bound of the
+        # sequence number of the entry that made it dead), oldest first.  One
+        # may be reused once an entry saying that entry was durable is itself
+        # durable: _recycle_ok is the largest such sequence number, _stamped
+        # the durable mark written into the latest entry.
+        self._dead: collections.deque[tuple[int, int]] = collections.deque()
+        self._recycle_ok = 0
+        self._stamped = 0
+        self._recycled: set[int] = set()  # reused since the last sync started: may be rewritten
+        self.recycled_bytes = 0  # payload bytes written into dead space (statistics)
         self.data_bytes = 0
         self.entries = 0
         self.dropped_tail = 0  # entries dropped as torn when opened
@@ -219,7 +232,7 @@ class ChangeFile:
         A torn tail (entries written after the last completed sync that did
         not fully reach the disk) is dropped; for a writable open the slots
         it occupied are zeroed so they can never be mistaken for entries.
-        With ``verify`` every payload CRC is checked, not only the tail's;
+        With ``verify`` the CRC of every payload still referenced is checked, not only the tail's;
         ``use_index=False`` ignores the index snapshot and replays the whole
         journal (``lbd-inspect --check`` compares the two).
         """
@@ -274,9 +287,11 @@ class ChangeFile:
             max_durable = max(max_durable, e.durable)
             slot += 1
             seq += 1
-        good, max_durable = self._cut_torn_tail([e for _, _, e in entries], fsize, verify)
+        good, max_durable = self._cut_torn_tail([e for _, _, e in entries], fsize)
         for _, _, e in entries[:good]:
             self._apply(e)
+        if verify:
+            self._verify([e for _, _, e in entries[:good]], fsize)
         if good < len(entries):
             self.dropped_tail = len(entries) - good
             log.warning("%s: dropped %d torn journal entries written after the last sync",
@@ -296,7 +311,7 @@ class ChangeFile:
         self.end = _align(max(used), DATA_ALIGN)
         self.reserved = fsize
 
-    def _cut_torn_tail(self, entries: list[Entry], fsize: int, verify: bool) -> tuple[int, int]:
+    def _cut_torn_tail(self, entries: list[Entry], fsize: int) -> tuple[int, int]:
         """How many entries survive, and the durable mark among them.
 
         Entries that no surviving entry vouches for as synced may be torn:
@@ -324,7 +339,7 @@ class ChangeFile:
             bad = None
             for i in range(cut):
                 e = entries[i]
-                if e.type not in (E_DATA, E_INDEX) or (e.seq <= durable and not verify):
+                if e.type not in (E_DATA, E_INDEX) or e.seq <= durable:
                     continue
                 j = next_same[i]
                 if j is not None and j < cut:
@@ -332,15 +347,37 @@ class ChangeFile:
                 if i not in checked:
                     checked[i] = self._payload_ok(e, fsize)
                 if not checked[i]:
-                    if e.seq <= durable:
-                        raise CorruptionError(
-                            f"{self.io.path}: journal entry {e.seq} was synced but its data "
-                            "fails its checksum")
                     bad = i
                     break
             if bad is None:
                 return cut, durable
             cut = bad
+
+    def _verify(self, entries: list[Entry], fsize: int) -> None:
+        """Check the payload CRC of every entry whose data is still served.
+
+        Index snapshots are all checked.  A DATA payload that no sector
+        references any more is not: its space may have been recycled
+        (docs/format.md), and it is never read.  Of the entries that share
+        one payload (in-place rewrites, recycling), the last vouches for it.
+        """
+        last: dict[tuple[int, int], int] = {}
+        for i, e in enumerate(entries):
+            if e.type == E_DATA:
+                last[(e.c, e.b)] = i
+        for i, e in enumerate(entries):
+            if e.type == E_INDEX or (e.type == E_DATA and last[(e.c, e.b)] == i
+                                     and self._live(e)):
+                if not self._payload_ok(e, fsize):
+                    raise CorruptionError(f"{self.io.path}: journal entry {e.seq} was synced "
+                                          "but its data fails its checksum")
+
+    def _live(self, e: Entry) -> bool:
+        """Whether some sector of DATA entry ``e`` still reads from its payload."""
+        for s, _n, loc in self.map.lookup(e.a, e.b):
+            if loc is not None and loc != ZERO and loc == e.c + (s - e.a) * SECTOR:
+                return True
+        return False
 
     def _decode_entry(self, area_bytes: bytes, slot: int) -> Entry | None:
         off = slot * ENTRY_SIZE
@@ -366,7 +403,7 @@ class ChangeFile:
         self.entries += 1
         if e.type == E_DATA:
             self.map.set(e.a, e.b, e.c)
-            if not e.flags & F_IN_PLACE:
+            if not e.flags & (F_IN_PLACE | F_REUSED):
                 self.data_bytes += e.b * SECTOR
         elif e.type == E_ZERO:
             self.map.set(e.a, e.b, ZERO)
@@ -416,6 +453,7 @@ class ChangeFile:
 
     def _entry(self, seq: int, etype: int, a: int, b: int, c: int, crc: int,
                flags: int = 0) -> bytes:
+        self._stamped = self.durable_seq
         raw = _ENTRY.pack(ENTRY_MAGIC, etype, flags, 0, seq, a, b, c, self.durable_seq, crc, 0)
         return raw + _U32.pack(crc32c(raw, self._seed))
 
@@ -470,21 +508,29 @@ class ChangeFile:
         since it was written), that payload is rewritten in place and a new
         entry (flag IN_PLACE) carries the new CRC.  Its entry is written
         before its data, so whatever the moment of a crash, the older entry
-        or the newer one checks out (docs/format.md).  Offsets and lengths
-        are multiples of 512.  Returns the number of bytes written.
+        or the newer one checks out (docs/format.md).  And a whole-block
+        rewrite of synced data goes into a dead 4 KiB payload that may be
+        recycled (flag REUSED, written before its entry), if there is one.
+        Offsets and lengths are multiples of 512.  Returns the number of
+        bytes written.
         """
         with self.lock:
             end = self.end
-            placed = []  # (sector, count, loc, crc, in_place): the entries, in order
+            placed = []  # (sector, count, loc, crc, entry flags): the entries, in order
             iov: list[Buffer] = []  # the appended payloads (and alignment gaps)
             rewrites: list[tuple[Buffer, int]] = []  # (data, loc), in order
+            reused: list[tuple[Buffer, int]] = []  # (data, loc) into dead payloads
+            taken: list[tuple[int, int]] = []  # the dead payloads they took
+            killed: list[int] = []  # synced whole-block payloads this batch makes dead
             runs: list[tuple[int, int, int]] = []  # map updates, in order
-            fresh: set[int] = set()  # whole blocks appended by this batch
+            fresh: set[int] = set()  # whole blocks appended (or moved) by this batch
             spill = False  # a payload other than a whole block was appended
             unsynced = self._unsynced
             maps_to = self.map.maps_to
             block = self.map.block
             mark = self._sync_mark
+            dead = self._dead
+            recycled = self._recycled
             total = appended = 0
             for offset, data in items:
                 nbytes = len(data)
@@ -498,12 +544,24 @@ class ChangeFile:
                     # were appended after the last sync started
                     b = offset >> 12
                     loc = block(b)
+                    if loc is not None and 0 <= loc < mark and b not in fresh \
+                            and loc not in recycled:
+                        # synced: this write makes the whole payload dead
+                        killed.append(loc)
+                        if dead and dead[0][1] <= self._recycle_ok:
+                            slot = dead.popleft()
+                            taken.append(slot)
+                            placed.append((sector, 8, slot[0], crc, F_REUSED))
+                            reused.append((data, slot[0]))
+                            runs.append((sector, 8, slot[0]))
+                            fresh.add(b)
+                            continue
                     if loc is None and unsynced:  # the dict was full when it was written
                         hit = unsynced.get(sector)
                         if hit is not None and hit[1] == 4096 and maps_to(sector, 8, hit[0]):
                             loc = hit[0]
-                    if loc is not None and loc >= mark:
-                        placed.append((sector, 8, loc, crc, True))
+                    if loc is not None and (loc >= mark or loc in recycled):
+                        placed.append((sector, 8, loc, crc, F_IN_PLACE))
                         rewrites.append((data, loc))
                         if spill or b in fresh:  # must win over this batch's append
                             runs.append((sector, 8, loc))
@@ -513,9 +571,9 @@ class ChangeFile:
                     hit = unsynced.get(sector)
                     if hit is not None and hit[1] == nbytes and maps_to(sector, count, hit[0]):
                         loc = hit[0]
-                        placed.append((sector, count, loc, crc, True))
+                        placed.append((sector, count, loc, crc, F_IN_PLACE))
                         rewrites.append((data, loc))
-                        if appended:
+                        if appended or reused:
                             runs.append((sector, count, loc))
                         continue
                     spill = True
@@ -525,7 +583,7 @@ class ChangeFile:
                 else:
                     loc = end
                 iov.append(data)
-                placed.append((sector, count, loc, crc, False))
+                placed.append((sector, count, loc, crc, 0))
                 runs.append((sector, count, loc))
                 if nbytes != 4096 or offset & 4095:
                     unsynced[sector] = (loc, nbytes)
@@ -535,6 +593,12 @@ class ChangeFile:
                 self._room(end)
                 self.io.pwritev_pieces(iov, self.end)
                 self.end = end
+            if reused:
+                try:  # before their entries: until those exist, the space is still dead
+                    self.io.pwrite_each(reused)
+                except OSError:
+                    dead.extendleft(reversed(taken))
+                    raise
             # entries: consecutive slots of the current area, then the next area
             pack = _ENTRY.pack
             pack_crc = _U32.pack
@@ -546,9 +610,9 @@ class ChangeFile:
                 chunk = placed[i:i + AREA_SLOTS - 1 - self.slot]
                 seq = self.seq
                 parts = []
-                for sector, count, loc, crc, in_place in chunk:
+                for sector, count, loc, crc, flags in chunk:
                     seq += 1
-                    raw = pack(ENTRY_MAGIC, E_DATA, F_IN_PLACE if in_place else 0, 0, seq,
+                    raw = pack(ENTRY_MAGIC, E_DATA, flags, 0, seq,
                                sector, count, loc, durable, crc, 0)
                     parts.append(raw)
                     parts.append(pack_crc(crc32c(raw, seed)))
@@ -557,12 +621,13 @@ class ChangeFile:
                 self.slot += len(chunk)
                 self.entries += len(chunk)
                 i += len(chunk)
+            self._stamped = durable
             if rewrites:
                 try:
                     self.io.pwrite_each(rewrites)
                 except OSError as exc:
                     k = getattr(exc, "items_written", 0)
-                    in_place = [(s, c) for s, c, _loc, _crc, ip in placed if ip]
+                    in_place = [(s, c) for s, c, _loc, _crc, f in placed if f == F_IN_PLACE]
                     self._revouch([(data, loc, s, c) for (data, loc), (s, c)
                                    in zip(rewrites[k:], in_place[k:])])
                     raise
@@ -573,6 +638,14 @@ class ChangeFile:
             if runs:
                 for sector, count, loc in self.map.set_many(runs):
                     unsynced[sector] = (loc, count << 9)
+            # only now that the map agrees: the payloads this batch made dead
+            # (the last entry's number bounds those of the entries that did)
+            if killed:
+                seq = self.seq
+                dead.extend([(loc, seq) for loc in killed])
+            if taken:
+                recycled.update(loc for loc, _ in taken)
+                self.recycled_bytes += 4096 * len(taken)
             self.data_bytes += appended
             return total
 
@@ -608,11 +681,17 @@ class ChangeFile:
         """Make every entry written so far durable."""
         with self.lock:
             upto = self.seq
+            stamped = self._stamped
             self._unsynced.clear()  # from now on their payloads may reach the disk
+            self._recycled.clear()
             self._sync_mark = self.end
         self.io.fdatasync()
-        if upto > self.durable_seq:
-            self.durable_seq = upto
+        with self.lock:
+            if upto > self.durable_seq:
+                self.durable_seq = upto
+            # the entries just synced say everything up to `stamped` was durable
+            if stamped > self._recycle_ok:
+                self._recycle_ok = stamped
 
     def write_index(self) -> None:
         """Append a snapshot of the map and point the header at it.
