@@ -53,6 +53,7 @@ E_NEXT = 4
 ENTRY_MAGIC = 0x4C45  # "EL" little-endian
 F_IN_PLACE = 1  # DATA entry whose payload rewrote an earlier unsynced payload in place
 F_REUSED = 2  # DATA entry whose payload went into dead space (a recycled 4 KiB payload)
+DEAD_MAX = 1 << 20  # dead payloads kept for recycling at most (~70 MiB of memory)
 
 _HEADER = struct.Struct("<8sIIQQ16s16sII64sQQQQQ")
 _ENTRY = struct.Struct("<HBBIQQQQQII4x")  # 60 bytes, then the entry's CRC-32C
@@ -531,6 +532,7 @@ class ChangeFile:
             mark = self._sync_mark
             dead = self._dead
             recycled = self._recycled
+            recycle_ok = self._recycle_ok
             total = appended = 0
             for offset, data in items:
                 nbytes = len(data)
@@ -544,22 +546,24 @@ class ChangeFile:
                     # were appended after the last sync started
                     b = offset >> 12
                     loc = block(b)
-                    if loc is not None and 0 <= loc < mark and b not in fresh \
-                            and loc not in recycled:
-                        # synced: this write makes the whole payload dead
-                        killed.append(loc)
-                        if dead and dead[0][1] <= self._recycle_ok:
-                            slot = dead.popleft()
-                            taken.append(slot)
-                            placed.append((sector, 8, slot[0], crc, F_REUSED))
-                            reused.append((data, slot[0]))
-                            runs.append((sector, 8, slot[0]))
-                            fresh.add(b)
-                            continue
-                    if loc is None and unsynced:  # the dict was full when it was written
-                        hit = unsynced.get(sector)
-                        if hit is not None and hit[1] == 4096 and maps_to(sector, 8, hit[0]):
-                            loc = hit[0]
+                    if loc is None:
+                        if unsynced:  # the dict was full when it was written
+                            hit = unsynced.get(sector)
+                            if hit is not None and hit[1] == 4096 and \
+                                    maps_to(sector, 8, hit[0]):
+                                loc = hit[0]
+                    elif loc < mark and loc not in recycled:
+                        if loc >= 0 and b not in fresh:  # synced: now wholly dead
+                            killed.append(loc)
+                            if dead and dead[0][1] <= recycle_ok:
+                                slot = dead.popleft()
+                                taken.append(slot)
+                                placed.append((sector, 8, slot[0], crc, F_REUSED))
+                                reused.append((data, slot[0]))
+                                runs.append((sector, 8, slot[0]))
+                                fresh.add(b)
+                                continue
+                        loc = None  # appended below
                     if loc is not None and (loc >= mark or loc in recycled):
                         placed.append((sector, 8, loc, crc, F_IN_PLACE))
                         rewrites.append((data, loc))
@@ -643,6 +647,8 @@ class ChangeFile:
             if killed:
                 seq = self.seq
                 dead.extend([(loc, seq) for loc in killed])
+                while len(dead) > DEAD_MAX:  # bounded memory: the oldest stay dead
+                    dead.popleft()
             if taken:
                 recycled.update(loc for loc, _ in taken)
                 self.recycled_bytes += 4096 * len(taken)
