@@ -99,7 +99,8 @@ class ExpandableLayer(Layer):
         d["format"] = self.cf.version
         d["space"] = {"file_bytes": st.file_bytes, "live_bytes": st.live_bytes,
                       "dead_bytes": st.dead_bytes, "zero_bytes": st.zero_bytes,
-                      "extents": st.extents}
+                      "extents": st.extents,
+                      "recycled_bytes": getattr(self.cf, "recycled_bytes", 0)}
         return d
 
     def read_present(self, offset: int, view: memoryview, nowait: bool) -> list[tuple[int, int]]:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from support import TOOL_PATH, lbd_exe, nbdsh, random_file, require, run
+from support import TOOL_PATH, lbd_exe, mgmt, nbdsh, random_file, require, run
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -409,7 +409,7 @@ def test_rewrites_between_flushes_do_not_grow_the_change_file(lbd_server, tmp_pa
     reads back its last write after a restart; lbd-inspect --check finds no
     corruption."""
     change = tmp_path / "db.lbd"
-    srv = lbd_server(["-s", str(SIZE), "-E", str(change)])
+    srv = lbd_server(["-s", str(SIZE), "-E", str(change)], manage=True)
     nbdsh(srv.uri, """
 import struct
 for r in range(40):
@@ -418,6 +418,11 @@ for r in range(40):
         if b % 8 == 7:
             h.flush()
 """)
+    reply = mgmt(srv, "DEVICE_INFO")
+    assert reply.kind == "OK", reply
+    space = reply.value["layers"][0]["space"]
+    assert space["recycled_bytes"] > 30 * 256 * 4096, space  # most rewrites after round 1
+    assert space["live_bytes"] == 256 * 4096, space
     assert srv.stop() == 0
     used = os.stat(change).st_blocks * 512
     assert used < 6 * MiB, f"the change file uses {used} bytes of disk"
