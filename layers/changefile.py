@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import operator
 import struct
 import threading
 import time
@@ -54,6 +55,7 @@ ENTRY_MAGIC = 0x4C45  # "EL" little-endian
 F_IN_PLACE = 1  # DATA entry whose payload rewrote an earlier unsynced payload in place
 F_REUSED = 2  # DATA entry whose payload went into dead space (a recycled 4 KiB payload)
 DEAD_MAX = 1 << 20  # dead payloads kept for recycling at most (~70 MiB of memory)
+SPLIT_MAX = 1 << 20  # aligned rewrites up to this size go block by block
 
 _HEADER = struct.Struct("<8sIIQQ16s16sII64sQQQQQ")
 _ENTRY = struct.Struct("<HBBIQQQQQII4x")  # 60 bytes, then the entry's CRC-32C
@@ -188,6 +190,10 @@ class ChangeFile:
         self._recycle_ok = 0
         self._stamped = 0
         self._recycled: set[int] = set()  # reused since the last sync started: may be rewritten
+        # Only payloads written since the file was opened are recycled: a
+        # block loaded from an index snapshot may be a piece of a larger
+        # payload, whose CRC must keep matching while the rest is live.
+        self._floor = 1 << 62
         self.recycled_bytes = 0  # payload bytes written into dead space (statistics)
         self.data_bytes = 0
         self.entries = 0
@@ -221,7 +227,7 @@ class ChangeFile:
             raise
         cf = cls(io, header)
         cf.end = cf.reserved = HEADER_SIZE + AREA_SIZE
-        cf._sync_mark = cf.end
+        cf._sync_mark = cf._floor = cf.end
         return cf
 
     @classmethod
@@ -245,7 +251,8 @@ class ChangeFile:
             cf._replay(verify=verify, use_index=use_index)
             if writable:
                 cf._reset_tail()
-            cf._sync_mark = cf.end  # what the file held when opened is not rewritten
+            # what the file held when opened is neither rewritten nor recycled
+            cf._sync_mark = cf._floor = cf.end
         except BaseException:
             io.close()
             raise
@@ -516,6 +523,8 @@ class ChangeFile:
         bytes written.
         """
         with self.lock:
+            if set(map(len, map(_second, items))) != _ONE_BLOCK:
+                items = self._split_rewrites(items)
             end = self.end
             placed = []  # (sector, count, loc, crc, entry flags): the entries, in order
             iov: list[Buffer] = []  # the appended payloads (and alignment gaps)
@@ -533,6 +542,7 @@ class ChangeFile:
             dead = self._dead
             recycled = self._recycled
             recycle_ok = self._recycle_ok
+            floor = self._floor
             total = appended = 0
             for offset, data in items:
                 nbytes = len(data)
@@ -553,7 +563,7 @@ class ChangeFile:
                                     maps_to(sector, 8, hit[0]):
                                 loc = hit[0]
                     elif loc < mark and loc not in recycled:
-                        if loc >= 0 and b not in fresh:  # synced: now wholly dead
+                        if loc >= floor and b not in fresh:  # synced: now wholly dead
                             killed.append(loc)
                             if dead and dead[0][1] <= recycle_ok:
                                 slot = dead.popleft()
@@ -654,6 +664,33 @@ class ChangeFile:
                 self.recycled_bytes += 4096 * len(taken)
             self.data_bytes += appended
             return total
+
+    def _split_rewrites(self, items: Sequence[tuple[int, Buffer]]) -> list[tuple[int, Buffer]]:
+        """Aligned rewrites of data, cut into whole 4 KiB blocks.
+
+        Each block then gets a payload (and entry) of its own, rewritten in
+        place until a sync and recycled block by block after one: a
+        database's 8 or 16 KiB pages, a file system's journal (docs/format.md,
+        "Recycling dead payloads").  First writes (of absent or zeroed data)
+        stay whole, and so does an exact rewrite of a whole payload not yet
+        synced (it is rewritten in place as it is).
+        """
+        out: list[tuple[int, Buffer]] = []
+        single, unsynced, maps_to = self.map.single, self._unsynced, self.map.maps_to
+        for offset, data in items:
+            nbytes = len(data)
+            if nbytes > 4096 and nbytes <= SPLIT_MAX and not (offset | nbytes) & 4095:
+                sector = offset >> 9
+                loc = single(sector, 8)
+                hit = unsynced.get(sector)
+                if loc is not None and loc != ZERO and (
+                        hit is None or hit[1] != nbytes
+                        or not maps_to(sector, nbytes >> 9, hit[0])):
+                    mv = memoryview(data)
+                    out += [(offset + k, mv[k:k + 4096]) for k in range(0, nbytes, 4096)]
+                    continue
+            out.append((offset, data))
+        return out
 
     def _revouch(self, failed: Sequence[tuple[Buffer, int, int, int]]) -> None:
         """After in-place rewrites whose data write failed: vouch for what is there.
@@ -774,6 +811,8 @@ def _read_header(io: FileIO, path: str) -> Header:
 
 
 _ZEROS = memoryview(bytes(DATA_ALIGN))
+_second = operator.itemgetter(1)
+_ONE_BLOCK = {4096}
 
 
 def _align(n: int, a: int) -> int:
