@@ -55,7 +55,7 @@ ENTRY_MAGIC = 0x4C45  # "EL" little-endian
 F_IN_PLACE = 1  # DATA entry whose payload rewrote an earlier unsynced payload in place
 F_REUSED = 2  # DATA entry whose payload went into dead space (a recycled 4 KiB payload)
 DEAD_MAX = 1 << 20  # dead payloads kept for recycling at most (~70 MiB of memory)
-SPLIT_MAX = 1 << 20  # aligned rewrites up to this size go block by block
+SPLIT_MAX = 64 << 10  # aligned rewrites up to this size go block by block (pages, journals)
 
 _HEADER = struct.Struct("<8sIIQQ16s16sII64sQQQQQ")
 _ENTRY = struct.Struct("<HBBIQQQQQII4x")  # 60 bytes, then the entry's CRC-32C
