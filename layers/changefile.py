@@ -652,18 +652,24 @@ class ChangeFile:
             if runs:
                 for sector, count, loc in self.map.set_many(runs):
                     unsynced[sector] = (loc, count << 9)
-            # only now that the map agrees: the payloads this batch made dead
-            # (the last entry's number bounds those of the entries that did)
-            if killed:
-                seq = self.seq
-                dead.extend([(loc, seq) for loc in killed])
-                while len(dead) > DEAD_MAX:  # bounded memory: the oldest stay dead
-                    dead.popleft()
+            if killed:  # only now that the map agrees
+                self._bury(killed)
             if taken:
                 recycled.update(loc for loc, _ in taken)
                 self.recycled_bytes += 4096 * len(taken)
             self.data_bytes += appended
             return total
+
+    def _bury(self, locs: list[int]) -> None:
+        """Whole-block payloads the entries just written made dead: recyclable later.
+
+        The last entry's number bounds those of the entries that killed them.
+        """
+        seq = self.seq
+        dead = self._dead
+        dead.extend([(loc, seq) for loc in locs])
+        while len(dead) > DEAD_MAX:  # bounded memory: the oldest stay dead
+            dead.popleft()
 
     def _split_rewrites(self, items: Sequence[tuple[int, Buffer]]) -> list[tuple[int, Buffer]]:
         """Aligned rewrites of data, cut into whole 4 KiB blocks.
@@ -715,10 +721,20 @@ class ChangeFile:
                       "(%s); writes after it may be lost in a crash", self.io.path, exc)
 
     def zero(self, sector: int, count: int) -> None:
-        """Record ``count`` sectors as zero (TRIM / WRITE_ZEROES)."""
+        """Record ``count`` sectors as zero (TRIM / WRITE_ZEROES).
+
+        The whole-block payloads it covers become dead, for recycling.
+        """
         with self.lock:
+            block, floor = self.map.block, self._floor
+            first, end = (sector + 7) >> 3, (sector + count) >> 3
+            freed = [] if end <= first else [
+                loc for loc in map(block, self.map.blocks_in(first << 3, (end - first) << 3))
+                if loc is not None and loc >= floor]
             self._append_entry(E_ZERO, sector, count, 0, 0)
             self.map.set(sector, count, ZERO)
+            if freed:
+                self._bury(freed)
 
     def sync(self) -> None:
         """Make every entry written so far durable."""

@@ -70,7 +70,7 @@ class ExtentMap:
     def _demote(self, start: int, count: int) -> None:
         """Move the blocks overlapping ``[start, start + count)`` into their chunks."""
         blocks = self._blocks
-        found = self._blocks_in(start, count)
+        found = self.blocks_in(start, count)
         for b in found:
             loc = blocks.pop(b)
             if loc == ZERO:
@@ -96,7 +96,7 @@ class ExtentMap:
                 if loc is not None:
                     return [(start, count,
                              loc if loc == ZERO else loc + (start - (b << 3)) * SECTOR)]
-            elif self._blocks_in(start, count):
+            elif self.blocks_in(start, count):
                 return self._lookup_merged(start, count)
         return self._lookup_chunks(start, count)
 
@@ -150,7 +150,7 @@ class ExtentMap:
                 i += 1
         return out
 
-    def _blocks_in(self, start: int, count: int) -> list[int]:
+    def blocks_in(self, start: int, count: int) -> list[int]:
         """The blocks of the dict that overlap ``[start, start + count)``, in order."""
         blocks = self._blocks
         b0 = start >> 3
@@ -165,7 +165,7 @@ class ExtentMap:
         end = start + count
         out: list[tuple[int, int, int | None]] = []
         pos = start
-        for b in self._blocks_in(start, count):
+        for b in self.blocks_in(start, count):
             s = max(b << 3, start)
             if s > pos:  # the chunks answer between the blocks
                 for run in self._lookup_chunks(pos, s - pos):
@@ -318,7 +318,7 @@ class ExtentMap:
                 loc = blocks.get(b)
                 if loc is not None:
                     return loc if loc == ZERO else loc + (start - (b << 3)) * SECTOR
-            elif self._blocks_in(start, count):
+            elif self.blocks_in(start, count):
                 runs = self._lookup_merged(start, count)
                 return runs[0][2] if len(runs) == 1 else MIXED
         if (end - 1) >> CHUNK_SHIFT != start >> CHUNK_SHIFT:
@@ -344,7 +344,7 @@ class ExtentMap:
                 xloc = blocks.get(b)
                 if xloc is not None:
                     return xloc != ZERO and xloc + (start - (b << 3)) * SECTOR == loc
-            elif self._blocks_in(start, count):
+            elif self.blocks_in(start, count):
                 return self.single(start, count) == loc and loc != ZERO
         chunk = self._chunks.get(start >> CHUNK_SHIFT)
         if chunk is None:

@@ -500,3 +500,27 @@ def test_recycling_waits_until_the_kill_is_vouched_for(tmp_path: Path) -> None:
     cf = ChangeFile.open(p, writable=False, verify=True, use_index=False)
     assert read(cf, 0, 16) == pattern(3) + pattern(5)
     cf.close(clean=False)
+
+
+def test_trimmed_blocks_are_recycled(tmp_path: Path) -> None:
+    """TRIM frees whole-block payloads for recycling, under the same rule as a
+    rewrite: once an entry saying the TRIM was durable is itself durable."""
+    p = str(tmp_path / "c.lbd")
+    cf = ChangeFile.create(p, 16 * MiB, Identity())
+    cf.write_blocks([(b * 4096, pattern(b)) for b in range(16)])
+    cf.sync()
+    trimmed = {cf.lookup(b * 8, 8)[0][2] for b in range(8)}
+    cf.zero(0, 64)  # blocks 0..7
+    cf.sync()
+    cf.write_blocks([(15 * 4096, pattern(99))])  # says the TRIM is durable
+    assert cf.recycled_bytes == 0
+    cf.sync()
+    cf.write_blocks([(b * 4096, pattern(100 + b)) for b in range(8, 14)])
+    assert {cf.lookup(b * 8, 8)[0][2] for b in range(8, 14)} <= trimmed
+    assert cf.recycled_bytes == 6 * 4096
+    cf.close()
+    cf = ChangeFile.open(p, writable=False, verify=True, use_index=False)
+    assert read(cf, 0, 64) == bytes(8 * 4096)
+    assert [read(cf, b * 8, 8) for b in range(8, 16)] == [
+        *(pattern(100 + b) for b in range(8, 14)), pattern(14), pattern(99)]
+    cf.close(clean=False)

@@ -472,8 +472,8 @@ class RecyclingWorkload(Workload):
                 self.write([self.pick() for _ in range(rng.randrange(2, 9))])
             elif r < 0.75:
                 self.write([self.pick()], fua=True)
-            elif r < 0.78:
-                self.zero(*self.pick())
+            elif r < 0.8:
+                self.zero(*self.pick())  # frees whole blocks for recycling too
             else:
                 self.cf.sync()
         STATS["recycled_payloads"] += self.cf.recycled_bytes // 4096
