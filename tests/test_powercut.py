@@ -161,19 +161,26 @@ class Workload:
             self.cf.sync()
         self.hist.add(start, len(RecordingIO.ops), sector, count, False)
 
+    # the mix: below each bound, in turn, a write, a batch (of up to BATCH
+    # writes), a FUA write, a zeroing; then a sync, and (above the last) a
+    # close and reopen
+    MIX = (0.55, 0.65, 0.72, 0.82, 0.97)
+    BATCH = 7
+
     def run(self, n_ops: int, *, reopen: str | None = None) -> None:
         rng = self.rng
+        one, batch, fua, zero, sync = self.MIX
         for _ in range(n_ops):
             r = rng.random()
-            if r < 0.55:
+            if r < one:
                 self.write([self.pick()])
-            elif r < 0.65:
-                self.write([self.pick() for _ in range(rng.randrange(2, 7))])
-            elif r < 0.72:
+            elif r < batch:
+                self.write([self.pick() for _ in range(rng.randrange(2, self.BATCH))])
+            elif r < fua:
                 self.write([self.pick()], fua=True)
-            elif r < 0.82:
+            elif r < zero:
                 self.zero(*self.pick(), fua=rng.random() < 0.2)
-            elif r < 0.97 or reopen is None:
+            elif r < sync or reopen is None:
                 self.cf.sync()
             else:  # a clean (index snapshot, header update) or unclean close, and reopen
                 self.cf.close(clean=rng.random() < 0.7)
@@ -462,21 +469,8 @@ class RecyclingWorkload(Workload):
             return rng.randrange(6) * 16, rng.choice([16, 32])
         return rng.randrange(12 * 8), rng.choice([1, 3, 8])
 
-    def run(self, n_ops: int, *, reopen: str | None = None) -> None:
-        rng = self.rng
-        for _ in range(n_ops):
-            r = rng.random()
-            if r < 0.5:
-                self.write([self.pick()])
-            elif r < 0.7:
-                self.write([self.pick() for _ in range(rng.randrange(2, 9))])
-            elif r < 0.75:
-                self.write([self.pick()], fua=True)
-            elif r < 0.8:
-                self.zero(*self.pick())  # frees whole blocks for recycling too
-            else:
-                self.cf.sync()
-        STATS["recycled_payloads"] += self.cf.recycled_bytes // 4096
+    MIX = (0.5, 0.7, 0.75, 0.8, 1.0)  # zeroes free whole blocks for recycling too
+    BATCH = 9
 
 
 @pytest.mark.parametrize("seed", range(1, 4 * FACTOR + 1))
@@ -491,6 +485,7 @@ def test_power_cut_while_recycling_dead_payloads(tmp_path: Path, seed: int) -> N
     cf = ChangeFile.create(src, SIZE, Identity(), io_factory=RecordingIO)
     wl = RecyclingWorkload(cf, hist, rng)
     wl.run(400)
+    STATS["recycled_payloads"] += cf.recycled_bytes // 4096
     assert cf.recycled_bytes >= 100 * 4096, cf.recycled_bytes  # it did recycle
     # far less than one new payload per rewrite (the partial writes still append)
     rewritten = sum(n * SECTOR for *_, n, d in hist.entries if d and n in (8, 16, 32))
