@@ -234,6 +234,11 @@ class ExpandableLayer(Layer):
         except OSError as exc:
             raise IOFailure.from_oserror(exc, f"zeroing {self.path}") from exc
 
+    def flush_pending(self) -> bool:
+        # durable_seq moves only after the fdatasync that made it so
+        cf = self.cf
+        return cf.io.writable and cf.durable_seq != cf.seq
+
     def flush(self) -> None:
         # Not ``self.writable``: a layer just made read-only by a new top may
         # still hold writes acknowledged before the switch.

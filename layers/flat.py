@@ -157,6 +157,9 @@ class FlatLayer(Layer):
             self.io.pwrite(chunk[:n], pos)
             pos += n
 
+    def flush_pending(self) -> bool:
+        return self.io.writable  # an image opened read-only never has anything to sync
+
     def flush(self) -> None:
         # Not ``self.writable``: a layer just made read-only by a new top may
         # still hold writes acknowledged before the switch.

@@ -22,3 +22,6 @@ class NullLayer(Layer):
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int, State]]:
         return [(offset, length, State.ZERO)]
+
+    def flush_pending(self) -> bool:
+        return False

@@ -377,6 +377,10 @@ class Device:
     async def aflush(self) -> None:
         await trio.to_thread.run_sync(self.flush)
 
+    def flush_pending(self) -> bool:
+        """Whether a FLUSH has anything to make durable (see Layer.flush_pending)."""
+        return any(layer.flush_pending() for layer in self._stack)
+
     def cache(self, offset: int, length: int) -> None:
         self._check(offset, length, write=False)
         a0 = offset & ~_MASK

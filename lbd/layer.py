@@ -179,6 +179,11 @@ class Layer(ABC):
     def flush(self) -> None:
         """Make every write acknowledged so far durable."""
 
+    def flush_pending(self) -> bool:
+        """False only when :meth:`flush` has certainly nothing to do: every write
+        acknowledged so far is durable already (then a FLUSH is answered at once)."""
+        return True
+
     def cache(self, offset: int, length: int) -> None:
         """Prefetch a range (advisory)."""
 
