@@ -450,3 +450,40 @@ print(len(bad))
     assert srv.stop() == 0
     p = run(["lbd-inspect", "--check", str(change)], check=False)
     assert p.returncode in (0, 3), p.stdout + p.stderr  # clean, or dead space to compact
+
+
+def test_a_flush_syncs_exactly_when_writes_are_pending(lbd_server, tmp_path: Path) -> None:
+    """FLUSH makes the change file durable with one fdatasync when writes were
+    acknowledged since the last one, and answers at once (no fdatasync) when
+    none were; alone on the server (on the event loop) or beside another client
+    (in a worker thread) alike.  strace counts the server's fdatasync calls."""
+    require("strace")
+    change = tmp_path / "f.lbd"
+    srv = lbd_server(["-s", str(SIZE), "-E", str(change)])
+    out = tmp_path / "strace.txt"
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=fdatasync", "-o", str(out),
+                               "-p", str(srv.proc.pid)],
+                              stderr=subprocess.PIPE, env={**os.environ, "PATH": TOOL_PATH})
+    try:
+        time.sleep(1.0)  # attached (to every thread) well before the first request
+        nbdsh(srv.uri, f"""
+import nbd
+h.pwrite(b"a" * 4096, 0)
+h.flush()             # 1
+h.flush()             # nothing new: no fdatasync
+h.pwrite(b"b" * 4096, 8192)
+h.flush()             # 2
+h2 = nbd.NBD()        # a second client: flushes go through a worker thread
+h2.connect_uri({srv.uri!r})
+h2.flush()            # nothing new
+h.pwrite(b"c" * 4096, 0)
+h2.flush()            # 3: another connection's acknowledged write
+h.flush()             # nothing new
+h2.shutdown()
+""")
+    finally:
+        tracer.terminate()
+        tracer.wait(30)
+    calls = [line for line in out.read_text().splitlines() if "fdatasync(" in line]
+    assert len(calls) == 3, calls
+    assert not any("= -1" in line for line in calls), calls
