@@ -218,8 +218,7 @@ class ChangeFile:
             header = Header(device_size, uuid or uuidlib.uuid4().bytes, parent,
                             created_ns or time.time_ns())
             raw = header.encode()
-            io.pwrite(raw + raw + bytes(HEADER_SIZE - 1024), 0)
-            io.allocate(HEADER_SIZE, AREA_SIZE)
+            io.pwrite(raw + raw + bytes(HEADER_SIZE - 1024) + _ZERO_AREA, 0)
             io.fdatasync()
             fsync_dir(path)
         except BaseException:
@@ -470,7 +469,10 @@ class ChangeFile:
         if self.slot >= AREA_SLOTS - 1:
             new_area = _align(self.end, DATA_ALIGN)
             self._room(new_area + AREA_SIZE)
-            self.io.allocate(new_area, AREA_SIZE)
+            # written, not fallocated: its blocks are then reserved (no ENOSPC
+            # for entries) without the unwritten-extent conversion each first
+            # entry write in a block would cost at the next fdatasync
+            self.io.pwrite(_ZERO_AREA, new_area)
             self.io.pwrite(self._entry(self.seq + 1, E_NEXT, 0, AREA_SLOTS, new_area, 0),
                            self.area + (AREA_SLOTS - 1) * ENTRY_SIZE)
             self.seq += 1
@@ -827,6 +829,7 @@ def _read_header(io: FileIO, path: str) -> Header:
 
 
 _ZEROS = memoryview(bytes(DATA_ALIGN))
+_ZERO_AREA = bytes(AREA_SIZE)
 _second = operator.itemgetter(1)
 _ONE_BLOCK = {4096}
 

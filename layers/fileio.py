@@ -233,14 +233,6 @@ class FileIO:
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
-    def allocate(self, offset: int, length: int) -> None:
-        """Reserve blocks so later writes there cannot hit ENOSPC."""
-        try:
-            os.posix_fallocate(self.fd, offset, length)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-
     def punch_hole(self, offset: int, length: int) -> bool:
         """Deallocate a range (reads back as zeros). False if unsupported."""
         return self._fallocate(_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)

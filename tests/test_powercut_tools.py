@@ -105,10 +105,6 @@ class PowerIO(FileIO):
         self._op("t", self.ino, length)
         super().truncate(length)
 
-    def allocate(self, offset: int, length: int) -> None:
-        self._op("a", self.ino, offset + length)
-        super().allocate(offset, length)
-
     def punch_hole(self, offset: int, length: int) -> bool:
         done = super().punch_hole(offset, length)
         if done:
