@@ -455,8 +455,9 @@ print(len(bad))
 def test_a_flush_syncs_exactly_when_writes_are_pending(lbd_server, tmp_path: Path) -> None:
     """FLUSH makes the change file durable with one fdatasync when writes were
     acknowledged since the last one, and answers at once (no fdatasync) when
-    none were; alone on the server (on the event loop) or beside another client
-    (in a worker thread) alike.  strace counts the server's fdatasync calls."""
+    none were; a FUA write takes one fdatasync of its own; alone on the server
+    (on the event loop) or beside another client (in a worker thread) alike.
+    strace counts the server's fdatasync calls."""
     require("strace")
     change = tmp_path / "f.lbd"
     srv = lbd_server(["-s", str(SIZE), "-E", str(change)])
@@ -479,11 +480,15 @@ h2.flush()            # nothing new
 h.pwrite(b"c" * 4096, 0)
 h2.flush()            # 3: another connection's acknowledged write
 h.flush()             # nothing new
+h2.pwrite(b"d" * 4096, 4096, nbd.CMD_FLAG_FUA)  # 4: durable before its reply
+h2.flush()            # nothing new
 h2.shutdown()
+h.pwrite(b"e" * 4096, 4096, nbd.CMD_FLAG_FUA)   # 5: alone again, on the event loop
+h.flush()             # nothing new
 """)
     finally:
         tracer.terminate()
         tracer.wait(30)
     calls = [line for line in out.read_text().splitlines() if "fdatasync(" in line]
-    assert len(calls) == 3, calls
+    assert len(calls) == 5, calls
     assert not any("= -1" in line for line in calls), calls
