@@ -1136,17 +1136,14 @@ class Connection:
         as the ``fdatasync``); else in a worker thread.
         """
         if not self.device.flush_pending():
-            for handle in handles:
-                self._ok(handle)
+            self._answer(cmd, handles, None)
         elif self._lone():
             try:
                 self.device.flush()
             except Exception as exc:
-                for handle in handles:
-                    self._fail(cmd, handle, exc)
+                self._answer(cmd, handles, exc)
             else:
-                for handle in handles:
-                    self._ok(handle)
+                self._answer(cmd, handles, None)
         else:
             self._spawn(self._flush_async, cmd, handles)
 
@@ -1154,12 +1151,17 @@ class Connection:
         try:
             await self.device.aflush()
         except Exception as exc:
-            for handle in handles:
-                self._fail(cmd, handle, exc)
+            self._answer(cmd, handles, exc)
         else:
-            for handle in handles:
-                self._ok(handle)
+            self._answer(cmd, handles, None)
         await self._flush()
+
+    def _answer(self, cmd: int, handles: list[int], exc: BaseException | None) -> None:
+        for handle in handles:
+            if exc is None:
+                self._ok(handle)
+            else:
+                self._fail(cmd, handle, exc)
 
 
 def _merge(desc: list[tuple[int, int]]) -> list[tuple[int, int]]:
