@@ -99,6 +99,7 @@ class V1ChangeFile:
         self.end = 0  # where the next table or data block goes
         self.seq = 0  # writes so far; the layer flushes when seq != durable_seq
         self.durable_seq = 0
+        self.recycled_bytes = 0  # v1 never recycles (the layer's space info shows it)
         self.data_units = 0
         self.check = V1Check()
         self.dropped_tail = 0

@@ -100,7 +100,7 @@ class ExpandableLayer(Layer):
         d["space"] = {"file_bytes": st.file_bytes, "live_bytes": st.live_bytes,
                       "dead_bytes": st.dead_bytes, "zero_bytes": st.zero_bytes,
                       "extents": st.extents,
-                      "recycled_bytes": getattr(self.cf, "recycled_bytes", 0)}
+                      "recycled_bytes": self.cf.recycled_bytes}
         return d
 
     def read_present(self, offset: int, view: memoryview, nowait: bool) -> list[tuple[int, int]]:
@@ -235,15 +235,14 @@ class ExpandableLayer(Layer):
             raise IOFailure.from_oserror(exc, f"zeroing {self.path}") from exc
 
     def flush_pending(self) -> bool:
-        # durable_seq moves only after the fdatasync that made it so
+        # Not ``self.writable``: a layer just made read-only by a new top may
+        # still hold writes acknowledged before the switch.  durable_seq moves
+        # only after the fdatasync that made it so.
         cf = self.cf
         return cf.io.writable and cf.durable_seq != cf.seq
 
     def flush(self) -> None:
-        # Not ``self.writable``: a layer just made read-only by a new top may
-        # still hold writes acknowledged before the switch.
-        cf = self.cf
-        if cf.io.writable and cf.durable_seq != cf.seq:
+        if self.flush_pending():
             try:
                 self.cf.sync()
             except OSError as exc:
