@@ -466,7 +466,13 @@ def test_a_flush_syncs_exactly_when_writes_are_pending(lbd_server, tmp_path: Pat
                                "-p", str(srv.proc.pid)],
                               stderr=subprocess.PIPE, env={**os.environ, "PATH": TOOL_PATH})
     try:
-        time.sleep(1.0)  # attached (to every thread) well before the first request
+        # until strace is attached to every thread of the server
+        tasks = Path(f"/proc/{srv.proc.pid}/task")
+        deadline = time.monotonic() + 30
+        while not all("TracerPid:\t0\n" not in (t / "status").read_text()
+                      for t in tasks.iterdir()):
+            assert time.monotonic() < deadline and tracer.poll() is None, "strace did not attach"
+            time.sleep(0.02)
         nbdsh(srv.uri, f"""
 import nbd
 h.pwrite(b"a" * 4096, 0)
